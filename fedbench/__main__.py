@@ -1,0 +1,4 @@
+"""``python -m fedbench`` (and ``torchrun -m fedbench``)."""
+from fedbench.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""``fedbench``: thin Typer commands over plain functions, one error boundary (exit code 2)."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedbench.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Benchmark memory-constrained federated-learning methods on one simulation engine.")
+out = Console()
+err = Console(stderr=True)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def boundary(fn):
+    """Turn a ConfigError into one line on stderr and exit code 2."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            err.print(f"[red]error:[/red] {e.flag}: {e.message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def parse_extra(args: list[str]) -> dict[str, object]:
+    """Method/model options given as ``--key value``, ``--key=value`` or a bare ``--flag`` (true)."""
+    options: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(arg, "unexpected argument; method and model options are given as --key value")
+        key, _, value = arg[2:].partition("=")
+        if not value:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        options[key.replace("-", "_")] = value
+        i += 1
+    return options
+
+
+Method = Annotated[Optional[str], typer.Option(help="FL method (see `fedbench methods`).")]
+Dataset = Annotated[Optional[str], typer.Option(help="fmnist-mini (embedded), fashion-mnist, mnist, cifar10, cifar100, synthetic, imagefolder:PATH.")]
+DataDir = Annotated[Optional[str], typer.Option(help="Folder with the dataset files (downloaded there when online).")]
+Model = Annotated[Optional[str], typer.Option(help="cnn, resnet20, ... (default: cnn for 1-channel data, else resnet20).")]
+Budget = Annotated[Optional[str], typer.Option(help="Fraction(s) of the full model's measured training memory; a comma list splits clients into equal groups.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Local mini-batch size.")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as the flags; flags win.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
+Seed = Annotated[Optional[int], typer.Option(help="Fixes partition, sampling, init and training order.")]
+
+
+@app.command(context_settings=EXTRA)
+@boundary
+def run(ctx: typer.Context,
+        method: Method = None, dataset: Dataset = None, data_dir: DataDir = None, model: Model = None,
+        clients: Annotated[Optional[int], typer.Option(help="Number of clients.")] = None,
+        clients_per_round: Annotated[Optional[int], typer.Option(help="Clients sampled each round.")] = None,
+        rounds: Annotated[Optional[int], typer.Option(help="Communication rounds.")] = None,
+        local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round (per step).")] = None,
+        batch_size: BatchSize = None,
+        lr: Annotated[Optional[float], typer.Option(help="Client learning rate.")] = None,
+        momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
+        weight_decay: Annotated[Optional[float], typer.Option(help="SGD weight decay.")] = None,
+        lr_schedule: Annotated[Optional[str], typer.Option(help="const or cosine (over rounds).")] = None,
+        partition: Annotated[Optional[str], typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = None,
+        memory_budget: Budget = None,
+        eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N rounds (and after the last).")] = None,
+        weighting: Annotated[Optional[str], typer.Option(help="Masked-mean weights: samples or uniform.")] = None,
+        client_state: Annotated[Optional[str], typer.Option(help="stateless (everything sent each round) or stateful (only changes) for bytes down.")] = None,
+        device: Device = None, seed: Seed = None,
+        out: Annotated[Optional[Path], typer.Option(help="Run folder (default results/runs/<method>-<timestamp>).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary table.")] = False,
+        config: Config = None) -> None:
+    """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json."""
+    from fedbench.config import resolve
+    from fedbench.engine import prepare
+    from fedbench.observers import Live, RunFiles
+
+    flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, clients=clients,
+                 clients_per_round=clients_per_round, rounds=rounds, local_epochs=local_epochs,
+                 batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                 lr_schedule=lr_schedule, partition=partition, memory_budget=memory_budget,
+                 eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
+                 seed=seed, out=str(out) if out else None, quiet=quiet or None, **parse_extra(ctx.args))
+    cfg = resolve(flags, config)
+    runner = prepare(cfg)
+    folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    observers = [RunFiles(folder)] + ([] if cfg.quiet else [Live(err)])
+    try:
+        runner.execute(observers)
+    except KeyboardInterrupt:
+        err.print(f"interrupted after {len(runner.rows)} rounds; finished rounds are in {folder}")
+        raise typer.Exit(130) from None
+    if not cfg.quiet:
+        err.print(f"results: {folder}")
+
+
+@app.command()
+def methods() -> None:
+    """List every registered method with a one-line description and its paper."""
+    from fedbench.registry import list_methods
+
+    table = Table("method", "description", "paper")
+    for m in list_methods():
+        table.add_row(m.name, m.description, m.paper)
+    out.print(table)
+
+
+@app.command(context_settings=EXTRA)
+@boundary
+def profile(ctx: typer.Context,
+            method: Method = None, dataset: Dataset = None, data_dir: DataDir = None, model: Model = None,
+            memory_budget: Budget = None, batch_size: BatchSize = None,
+            rounds: Annotated[Optional[int], typer.Option(help="Rounds (for methods whose schedule depends on them).")] = None,
+            device: Device = None, seed: Seed = None, config: Config = None,
+            csv: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None) -> None:
+    """Measure training memory, FLOPs and bytes of each configuration; no training."""
+    from fedbench.config import resolve
+    from fedbench.engine import prepare
+    from fedbench.report import profile_rows, render_profile
+
+    flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, memory_budget=memory_budget,
+                 batch_size=batch_size, rounds=rounds, device=device, seed=seed, **parse_extra(ctx.args))
+    runner = prepare(resolve(flags, config), shapes_only=True)
+    rows = profile_rows(runner)
+    out.print(render_profile(runner, rows))
+    if csv:
+        rows.to_csv(csv, index=False)
+
+
+def main() -> None:
+    app(prog_name="fedbench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The one round loop (DESIGN.md, data flow of one run). It never names a method.
+
+``prepare`` does everything that can fail on bad input (data, partition, model, budgets,
+the method's measured configurations) before anything is written; ``Run.execute`` then
+runs the rounds and hands each finished round to the observers (CSV, progress, checkpoints).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from fedbench.config import RunConfig, model_kwargs, with_model
+from fedbench.data import Dataset, load_dataset, placeholder
+from fedbench.errors import ConfigError
+from fedbench.method import ClientData, Context, Method
+from fedbench.models import FedModel, create_model
+from fedbench.partition import partition
+from fedbench.plan import Plan
+from fedbench.profiler import Profiler, Traffic, forward_macs
+from fedbench.registry import get_method
+from fedbench.seeding import generator, sample_clients
+from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
+
+log = logging.getLogger(__name__)
+
+
+class Observer:
+    """No-op hooks; CSV writers, progress bars and checkpoints override what they need."""
+
+    def on_start(self, run: "Run") -> None: ...
+    def after_round(self, run: "Run", row: dict, clients: list[dict]) -> None: ...
+    def on_end(self, run: "Run", summary: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def client_budgets(fractions: tuple[float, ...], clients: int) -> list[float]:
+    """Equal groups by client index: client c gets fractions[c * len(fractions) // clients]."""
+    return [fractions[c * len(fractions) // clients] for c in range(clients)]
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    dataset: Dataset
+    parts: list[torch.Tensor]
+    model: FedModel
+    method: Method
+    profiler: Profiler
+    ctx: Context
+    start_round: int = 0
+    rows: list[dict] = field(default_factory=list)
+    _submodels: OrderedDict = field(default_factory=OrderedDict)
+
+    # --- one client ---------------------------------------------------------------------
+    def client_data(self, client: int) -> ClientData:
+        idx = self.parts[client].to(self.dataset.train_y.device)
+        return ClientData(client, self.dataset.train_x[idx], self.dataset.train_y[idx])
+
+    def submodel(self, plan: Plan) -> FedModel:
+        """A working module per plan shape, reused in place (pfl-research's placeholder model)."""
+        key = plan.shape_key()
+        if key not in self._submodels:
+            self._submodels[key] = build_submodel(self.ctx.build, self.model, plan).to(self.ctx.device)
+            if len(self._submodels) > 16:
+                self._submodels.popitem(last=False)
+        model = self._submodels[key]
+        self._submodels.move_to_end(key)
+        load_slices(model, self.model, plan)
+        return model
+
+    def lr_at(self, rnd: int) -> float:
+        cfg = self.config
+        if cfg.lr_schedule == "cosine":
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / cfg.rounds))
+        return cfg.lr
+
+    # --- the round loop ------------------------------------------------------------------
+    def execute(self, observers: list[Observer] = ()) -> dict:
+        cfg = self.config
+        traffic = Traffic(stateful=cfg.client_state == "stateful")
+        for o in observers:
+            o.on_start(self)
+        for rnd in range(self.start_round, cfg.rounds):
+            t0 = time.perf_counter()
+            lr = self.lr_at(rnd)
+            agg = self.method.aggregator(self.model)
+            records = []
+            for client in sample_clients(cfg.seed, rnd, cfg.clients, cfg.clients_per_round):   # 1. sample
+                gen = generator(cfg.seed, "client", rnd, client, device=self.ctx.device)
+                plan = self.method.plan(rnd, client, gen)                                        # 2. plan
+                model = self.submodel(plan)                                                      # 3. extract
+                data = self.client_data(client)
+                result = self.method.local_train(model, data, plan, lr, gen)                     # 4. train
+                self.method.add_update(agg, plan, model, data)                                   # 5. aggregate
+                records.append(self.measure(rnd, client, plan, model, result, traffic))          # 6. measure
+            traffic.commit(agg.apply(), rnd)
+            evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
+            metrics = self.method.evaluate(self.model) if evaluate else {}
+            row = self.round_row(rnd, lr, records, metrics, time.perf_counter() - t0)
+            self.rows.append(row)
+            for o in observers:
+                o.after_round(self, row, records)
+        summary = self.summary()
+        for o in observers:
+            o.on_end(self, summary)
+        return summary
+
+    def measure(self, rnd: int, client: int, plan: Plan, model: FedModel, result, traffic: "Traffic") -> dict:
+        budget = self.ctx.budgets[client]
+        budget_bytes = budget * self.ctx.full_memory
+        steps = [self.profiler.measure(plan, i) for i in range(len(plan.steps))]
+        peak = max(m.peak for m in steps)
+        flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
+        record = {
+            "round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
+            "config": plan.label, "peak_bytes": peak, "within_budget": peak <= budget_bytes,
+            "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model),
+            "bytes_up": tensor_bytes(uploaded(model, plan).values()), "samples": sum(result.samples),
+            "train_loss": result.loss,
+        }
+        if steps[0].cuda_peak is not None:
+            record["cuda_peak_bytes"] = max(m.cuda_peak for m in steps)
+        return record
+
+    def round_row(self, rnd: int, lr: float, records: list[dict], metrics: dict, seconds: float) -> dict:
+        n = len(records)
+        peaks = [r["peak_bytes"] for r in records]
+        return {
+            "round": rnd + 1, "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
+            "train_loss": sum(r["train_loss"] for r in records) / n, "lr": lr,
+            "bytes_down": sum(r["bytes_down"] for r in records), "bytes_up": sum(r["bytes_up"] for r in records),
+            "train_flops": sum(r["train_flops"] for r in records),
+            "peak_max": max(peaks), "peak_mean": sum(peaks) / n,
+            "violations": sum(not r["within_budget"] for r in records), "clients": n, "wall_s": seconds,
+        }
+
+    def summary(self) -> dict:
+        evaluated = [r for r in self.rows if r["accuracy"] is not None]
+        client_rounds = sum(r["clients"] for r in self.rows) or 1
+        cfg = self.config
+        return {
+            "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
+            "memory_budget": list(cfg.memory_budget), "rounds": len(self.rows),
+            "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+            "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+            "evaluation": self.method.describe_eval(),
+            "full_model_memory_bytes": self.ctx.full_memory,
+            "peak_max_bytes": max((r["peak_max"] for r in self.rows), default=0),
+            "violations": sum(r["violations"] for r in self.rows),
+            "train_flops_per_client_round": sum(r["train_flops"] for r in self.rows) / client_rounds,
+            "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
+            "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
+            "forward_macs_per_sample": forward_macs(self.model, tuple(self.dataset.train_x.shape[1:])),
+            "device": str(self.ctx.device), "wall_s": sum(r["wall_s"] for r in self.rows),
+            "units": {"bytes": "B (decimal MB = 1e6 B in tables)",
+                      "train_flops": "FLOPs, 2 per multiply-add, conv/matmul/attention only (FlopCounterMode on meta)",
+                      "forward_macs_per_sample": "fvcore multiply-adds of the full model, one sample"},
+        }
+
+
+def prepare(cfg: RunConfig, shapes_only: bool = False) -> Run:
+    """Load, partition, build and measure; raises ConfigError on bad input, writes nothing.
+
+    ``shapes_only`` (for ``fedbench profile``): only the data's shape matters, so a dataset
+    whose files are missing is replaced by a stand-in of its shape, and nothing is partitioned.
+    """
+    device = resolve_device(cfg.device)
+    try:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    except ConfigError:
+        if not shapes_only or (dataset := placeholder(cfg.dataset)) is None:
+            raise
+    cfg = with_model(cfg, dataset.in_chans)
+    parts = ([dataset.train_y.new_zeros(0)] * cfg.clients if shapes_only
+             else partition(dataset.train_y, cfg.clients, cfg.partition, cfg.seed))
+    dataset = dataset.to(device)
+    build = partial(create_model, cfg.model, num_classes=dataset.num_classes, in_chans=dataset.in_chans,
+                    img_size=dataset.img_size, **model_kwargs(cfg))
+    torch.manual_seed(cfg.seed)  # model initialisation only; the round loop uses derived generators
+    method_cls = get_method(cfg.method)
+    model = method_cls.build_global(build).to(device)
+    holder: dict[str, Method] = {}
+    profiler = Profiler(
+        build_client=lambda plan: build_submodel(ctx.build, model, plan),
+        make_trainer=lambda m, plan, step: holder["method"].trainer(m, plan, step, cfg.lr),
+        sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
+        batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+    ctx = Context(config=cfg, dataset=dataset, model=model, build=method_cls.client_builder(build),
+                  profiler=profiler, budgets=client_budgets(cfg.memory_budget, cfg.clients),
+                  client_labels=[dataset.train_y[p.to(device)].unique() for p in parts])
+    method = holder["method"] = method_cls(ctx)
+    ctx.full_memory = profiler.memory_of(method.full_plan())
+    method.setup()
+    return Run(cfg, dataset, parts, model, method, profiler, ctx)

@@ -1,0 +1,216 @@
+"""The base every method plugs in through: a policy over plans plus a few hooks (DESIGN.md).
+
+A method overrides the fewest hooks: ``setup`` (resolve budgets into configurations, by
+measurement), ``plan`` (a client's sub-model this round), ``loss`` or ``trainer`` (local
+objective), ``add_update`` (aggregation), ``evaluate``. It never owns the round loop, the
+sampler, the profiler or the outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fedbench.aggregate import MaskedMean
+from fedbench.config import method_options
+from fedbench.data import Dataset, augment, normalize
+from fedbench.models.base import FedModel
+from fedbench.plan import Plan, Step
+from fedbench.submodel import set_trainable, uploaded
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fedbench.config import RunConfig
+    from fedbench.profiler import Profiler
+
+
+@dataclass
+class ClientData:
+    """One client's local data, already on the run's device (uint8 images, int64 labels)."""
+
+    client: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    samples: list[int]  # samples processed in each step of the plan (for FLOPs)
+
+
+@dataclass
+class Context:
+    """What a method may use: the run's config and data, the global model, its factory, the profiler."""
+
+    config: "RunConfig"
+    dataset: Dataset
+    model: FedModel                    # the global model
+    build: "Callable[..., FedModel]"   # build(widths=..., rate=...) -> FedModel at those widths
+    profiler: "Profiler"
+    budgets: list[float]               # per client: budget as a fraction of full-model memory
+    full_memory: int = 0               # bytes: measured peak of the full model under this method
+    client_labels: list[torch.Tensor] = field(default_factory=list)  # per client: labels it holds
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class Trainer:
+    """One client's optimisation state for one step: SGD (momentum, weight decay) on the step's loss."""
+
+    def __init__(self, method: "Method", model: FedModel, plan: Plan, step: Step, lr: float):
+        self.method, self.model, self.plan, self.step_spec = method, model, plan, step
+        cfg = method.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def prepare(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """uint8 batch -> augmented (when the data asks for it and a generator is given), normalised floats."""
+        if gen is not None and self.method.dataset.augment:
+            x = augment(x, gen)
+        return normalize(x, self.method.dataset)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return self.method.loss(self.model, self.prepare(x, gen), y, self.plan, self.step_spec)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(x, y, gen)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Everything the client keeps between steps: weights, buffers, gradients, optimizer state."""
+        out = []
+        for m in self.modules():
+            out += [*m.parameters(), *m.buffers(), *(p.grad for p in m.parameters() if p.grad is not None)]
+        out += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        return out
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+class Method:
+    """Default behaviour is FedAvg: every client trains the full model with cross-entropy.
+
+    ``Options`` is a frozen dataclass of the method's own settings; each field is a CLI flag
+    (``--slt-memory-model paper`` sets ``slt_memory_model``) and a TOML key.
+    """
+
+    Options: ClassVar[type] = NoOptions
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    supervised: ClassVar[bool] = True   # False: evaluated by linear probe (the output says so)
+    budgeted: ClassVar[bool] = False    # True: the method fits each client's configuration to its budget
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.dataset = ctx.dataset
+        self.options = method_options(type(self), ctx.config)
+
+    # --- models -------------------------------------------------------------------------
+    @classmethod
+    def build_global(cls, build: "Callable[..., FedModel]") -> FedModel:
+        """The global model (methods with extra heads wrap it here)."""
+        return build()
+
+    @classmethod
+    def client_builder(cls, build: "Callable[..., FedModel]") -> "Callable[..., FedModel]":
+        """The factory of client sub-models at given widths (same structure as ``build_global``)."""
+        return build
+
+    # --- configuration ------------------------------------------------------------------
+    def setup(self) -> None:
+        """Resolve budgets into configurations (by measurement); raise ConfigError if impossible."""
+
+    def full_plan(self) -> Plan:
+        """The configuration whose measured memory defines a budget of 1."""
+        return Plan()
+
+    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
+        return self.full_plan()
+
+    def schedule(self) -> list[tuple[dict, Plan]]:
+        """(info, plan) per configuration the method uses, for ``fedbench profile``.
+
+        info may hold ``budget`` (the fraction the plan must fit) and a ``note``; the profile
+        command measures each plan itself.
+        """
+        return []
+
+    # --- local training -----------------------------------------------------------------
+    def loss(self, model: FedModel, x: torch.Tensor, y: torch.Tensor, plan: Plan, step: Step) -> torch.Tensor:
+        return F.cross_entropy(model(x, blocks=step.blocks), y)
+
+    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
+        return Trainer(self, model, plan, step, lr)
+
+    def local_train(self, model: FedModel, data: ClientData, plan: Plan, lr: float,
+                    gen: torch.Generator) -> TrainResult:
+        """Each step of the plan in order, ``local_epochs`` epochs each, mini-batches in a seeded order."""
+        cfg = self.config
+        total, batches, samples = torch.zeros((), device=data.y.device), 0, []
+        for step in plan.steps:
+            set_trainable(model, step)
+            trainer = self.trainer(model, plan, step, lr)
+            for _ in range(cfg.local_epochs):
+                order = torch.randperm(len(data), generator=gen, device=gen.device).to(data.y.device)
+                for idx in order.split(cfg.batch_size):
+                    total += trainer.step(data.x[idx], data.y[idx], gen)
+                    batches += 1
+            samples.append(cfg.local_epochs * len(data))
+        return TrainResult(loss=float(total) / max(batches, 1), samples=samples)
+
+    # --- aggregation and evaluation -----------------------------------------------------
+    def aggregator(self, global_model: FedModel) -> MaskedMean:
+        return MaskedMean(global_model)
+
+    def add_update(self, agg: MaskedMean, plan: Plan, model: FedModel, data: ClientData) -> None:
+        weight = float(len(data)) if self.config.weighting == "samples" else 1.0
+        agg.add(plan, uploaded(model, plan), weight)
+
+    def eval_model(self, global_model: FedModel) -> FedModel:
+        """The model that is evaluated (default: the full global model)."""
+        return global_model
+
+    @torch.no_grad()
+    def evaluate(self, global_model: FedModel) -> dict[str, float]:
+        """Top-1 accuracy and mean cross-entropy on the test split."""
+        model = self.eval_model(global_model).eval()
+        ds = self.dataset
+        correct, loss = 0, 0.0
+        for i in range(0, len(ds.test_y), 500):
+            x, y = normalize(ds.test_x[i:i + 500], ds), ds.test_y[i:i + 500]
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        model.train()
+        n = len(ds.test_y)
+        return {"accuracy": correct / n, "loss": loss / n}
+
+    def describe_eval(self) -> str:
+        return "top-1 accuracy of the full global model on the test split"
+
+    # --- state (checkpointed by the engine) ----------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,93 @@
+"""The structure every fedbench model exposes, so that plans can slice and prune it.
+
+A model is ``stem -> blocks[i] ... -> head`` (timm's ``forward_features`` / ``forward_head``
+split). It is built at explicit per-group widths: a *channel group* is one set of channels
+that a plan indexes together (a conv's output channels, a residual stream). ``param_dims``
+says, for each parameter, which group indexes each of its dimensions, so that extraction
+and masked aggregation are one generic slice / scatter (no guessing from key names).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+# One entry per tensor dimension: None (never sliced), a group name, or (group, repeat)
+# for a flattened feature dimension where each channel owns `repeat` consecutive features.
+Dim = str | tuple[str, int] | None
+
+
+def scaled(full: int, width: float, rounding: str = "ceil") -> int:
+    """Channels kept at width factor ``width``: ceil (HeteroFL/FedRolex code) or floor (SLT code), >= 1."""
+    exact = full * width
+    kept = int(-(-exact // 1)) if rounding == "ceil" else int(exact + 1e-9)
+    return max(1, min(full, kept))
+
+
+class Scaler(nn.Module):
+    """HeteroFL's Scaler (§2.3): divides by the client's width rate in training, identity in eval."""
+
+    def __init__(self, rate: float = 1.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.rate if self.training and self.rate != 1.0 else x
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class FedModel(nn.Module):
+    """Base class: subclasses set ``stem``, ``blocks`` (nn.ModuleList), ``head`` and declare groups."""
+
+    stem: nn.Module
+    blocks: nn.ModuleList
+    head: nn.Module
+
+    def __init__(self, full_widths: Mapping[str, int], widths: Mapping[str, int] | None = None):
+        super().__init__()
+        unknown = set(widths or {}) - set(full_widths)
+        if unknown:
+            raise KeyError(f"unknown channel groups {sorted(unknown)}")
+        self.full_widths = dict(full_widths)
+        self.widths = {**self.full_widths, **(widths or {})}
+
+    # --- structure a plan relies on -------------------------------------------------
+    def param_dims(self) -> dict[str, tuple[Dim, ...]]:
+        """Per parameter name, which group indexes each dimension (missing = never sliced)."""
+        return {}
+
+    def tied_groups(self) -> list[list[str]]:
+        """Groups that must share one index set (residual streams joined by identity shortcuts)."""
+        return []
+
+    def units(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks, self.head]
+
+    # --- forward --------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, blocks: Sequence[int] | None = None) -> torch.Tensor:
+        """Stem then the given blocks in order (all by default).
+
+        A leading run of units without trainable parameters runs without autograd, so frozen
+        prefixes store no activations (DESIGN.md: frozen layers save neither activations nor grads).
+        """
+        order = range(len(self.blocks)) if blocks is None else blocks
+        for unit in [self.stem, *(self.blocks[i] for i in order)]:
+            x = self._run(unit, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.head, x)
+
+    def forward(self, x: torch.Tensor, blocks: Sequence[int] | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, blocks))
+
+    @staticmethod
+    def _run(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.requires_grad and not _has_trainable(unit):
+            with torch.no_grad():
+                return unit(x)
+        return unit(x)

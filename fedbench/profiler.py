@@ -1,0 +1,275 @@
+"""Measures what a client's configuration costs: peak training memory, FLOPs, bytes.
+
+Memory (reference/profiling.md §2): the exact peak of live tensor bytes over one real
+training step after a warm-up step, tracked with a ``TorchDispatchMode`` seeded with the
+client's own tensors (model, gradients, optimizer state, batch) so nothing else in the
+process is counted. On CUDA the allocator peak is recorded beside it. FLOPs (§1.6):
+``FlopCounterMode`` over forward + backward on the meta device, 2 per multiply-add,
+conv/matmul/attention only. Forward FLOPs of the inference model per sample from fvcore
+(multiply-adds, the papers' convention). Everything is cached per plan shape.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedbench.models.base import FedModel
+from fedbench.plan import Plan, Step
+from fedbench.submodel import set_trainable
+
+log = logging.getLogger(__name__)
+
+
+class Live(TorchDispatchMode):
+    """Running current/peak bytes of every tensor storage alive (each storage counted once)."""
+
+    def __init__(self, rounding: int = 1):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+        self.rounding = rounding
+
+    def track(self, t: object) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        size = -(-storage.nbytes() // self.rounding) * self.rounding
+        if key in self.live or size == 0:
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One configuration's measured training memory (bytes), with its analytic breakdown."""
+
+    peak: int              # live-tensor peak of one step (the figure budgets are checked against)
+    params: int            # parameters + buffers of everything the client holds
+    grads: int             # gradients of trainable parameters
+    optimizer: int         # optimizer state
+    activations: int       # tensors saved for backward (distinct storages, weights excluded)
+    batch: int             # the input batch as received (uint8 images + labels)
+    cuda_peak: int | None = None  # allocator peak minus base plus client state (CUDA only)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Trainable(Protocol):
+    """What the profiler needs from a client's trainer (``fedbench.method.Trainer``)."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor: ...
+    def step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor: ...
+    def state_tensors(self) -> list[torch.Tensor]: ...
+    def modules(self) -> list[torch.nn.Module]: ...
+
+
+def _sdpa_mapping() -> dict:
+    """Count CPU fused attention, which FlopCounterMode misses (profiling.md §1.4)."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q.shape, k.shape, v.shape))
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda go, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(go.shape, q.shape, k.shape, v.shape))
+    return mapping
+
+
+class Profiler:
+    """The engine's measuring service; methods only ask ``memory_of(plan)``."""
+
+    def __init__(self, build_client: Callable[[Plan], FedModel],
+                 make_trainer: Callable[[FedModel, Plan, Step], Trainable],
+                 sample_shape: tuple[int, ...], num_classes: int, batch_size: int,
+                 device: torch.device, seed: int = 0):
+        self.build_client = build_client
+        self.make_trainer = make_trainer
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self._memory: dict[tuple, Measurement] = {}
+        self._flops: dict[tuple, int] = {}
+
+    # --- memory ------------------------------------------------------------------------
+    def memory_of(self, plan: Plan) -> int:
+        """Peak training memory (bytes) of a plan: the maximum over its steps."""
+        return max(self.measure(plan, i).peak for i in range(len(plan.steps)))
+
+    def measure(self, plan: Plan, step_index: int = 0) -> Measurement:
+        key = (plan.shape_key(), step_index)
+        if key not in self._memory:
+            self._memory[key] = self._measure(plan, plan.steps[step_index])
+        return self._memory[key]
+
+    def _batch(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        x = torch.randint(0, 256, (batch, *self.sample_shape), generator=gen, device=device, dtype=torch.uint8)
+        y = torch.randint(0, self.num_classes, (batch,), generator=gen, device=device)
+        return x, y, gen
+
+    def _measure(self, plan: Plan, step: Step) -> Measurement:
+        x, y, gen = self._batch(self.batch_size, self.device)
+        trainer = self._client(plan, step, self.device)
+        activations = self._saved_bytes(trainer, x, y, gen)
+        trainer.step(x, y, gen)  # warm-up: optimizer state now exists
+        gc.collect()
+        meter = Live()
+        for t in [*trainer.state_tensors(), x, y]:
+            meter.track(t)
+        with meter:
+            trainer.step(x, y, gen)
+        params = [t for m in trainer.modules() for t in [*m.parameters(), *m.buffers()]]
+        grads = [p.grad for m in trainer.modules() for p in m.parameters() if p.grad is not None]
+        state = trainer.state_tensors()
+        optimizer = storage_bytes(state) - storage_bytes(params + grads)
+        cuda_peak = self._cuda_peak(trainer, x, y, gen) if self.device.type == "cuda" else None
+        return Measurement(peak=meter.peak, params=storage_bytes(params), grads=storage_bytes(grads),
+                           optimizer=max(0, optimizer), activations=activations,
+                           batch=storage_bytes([x, y]), cuda_peak=cuda_peak)
+
+    @staticmethod
+    def _saved_bytes(trainer: Trainable, x, y, gen) -> int:
+        """Saved-for-backward activations of one forward, distinct storages, weights excluded."""
+        own = {t.untyped_storage()._cdata for m in trainer.modules() for t in [*m.parameters(), *m.buffers()]}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s._cdata not in own:
+                seen[s._cdata] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = trainer.loss(x, y, gen)
+        if loss.requires_grad:
+            loss.backward()
+        for m in trainer.modules():
+            m.zero_grad(set_to_none=True)
+        return sum(seen.values())
+
+    @staticmethod
+    def _cuda_peak(trainer: Trainable, x, y, gen) -> int:
+        """Allocator peak of one step minus what was allocated before, plus the client's state (§2.5)."""
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.step(x, y, gen)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base + storage_bytes([*trainer.state_tensors(), x, y])
+
+    # --- FLOPs --------------------------------------------------------------------------
+    def train_flops(self, plan: Plan, step_index: int = 0) -> int:
+        """Training FLOPs per sample of one step (forward + backward of what runs), on meta."""
+        key = (plan.shape_key(), step_index)
+        if key not in self._flops:
+            meta = torch.device("meta")
+            with meta:
+                trainer = self._client(plan, plan.steps[step_index], meta)
+                x = torch.zeros((2, *self.sample_shape), dtype=torch.uint8)
+                y = torch.zeros(2, dtype=torch.long)
+            with FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as counter:
+                loss = trainer.loss(x, y, None)
+                if loss.requires_grad:
+                    loss.backward()
+            self._flops[key] = counter.get_total_flops() // 2
+        return self._flops[key]
+
+    def bytes_of(self, plan: Plan) -> tuple[int, int]:
+        """Bytes down (the whole sub-model plus index overhead, stateless) and up (trained tensors)."""
+        with torch.device("meta"):
+            model = self.build_client(plan)
+        down = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        up = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if any(s.trains(n) for s in plan.steps))
+        return down + plan.index_bytes, up
+
+    def _client(self, plan: Plan, step: Step, device: torch.device) -> Trainable:
+        model = self.build_client(plan).to(device).train()
+        set_trainable(model, step)
+        return self.make_trainer(model, plan, step)
+
+
+def forward_macs(model: torch.nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """fvcore's forward count of the inference model for one sample (multiply-adds)."""
+    import warnings
+
+    model = model.eval()
+    x = torch.zeros((1, *sample_shape), device=next(model.parameters()).device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's unsupported-op notes and torch.jit deprecation
+        from fvcore.nn import FlopCountAnalysis
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        analysis = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = int(analysis.total())
+    model.train()
+    return total
+
+
+class Traffic:
+    """Bytes sent down per client-round (profiling.md §3.3).
+
+    Stateless clients (default) receive every tensor of their sub-model each round, plus the
+    plan's index overhead. Stateful clients keep what they received and get a tensor again
+    only when the server changed it, or their slice of it changed, since they last synced.
+    """
+
+    def __init__(self, stateful: bool):
+        self.stateful = stateful
+        self.version: dict[str, int] = {}
+        self.held: dict[int, dict[str, tuple]] = {}
+
+    def down(self, client: int, plan: Plan, sub: FedModel, global_model: FedModel) -> int:
+        dims = global_model.param_dims()
+        held = self.held.setdefault(client, {})
+        index = plan.index_map
+        total = plan.index_bytes
+        for name, t in [*sub.named_parameters(), *sub.named_buffers()]:
+            groups = [g if isinstance(g, str) else g[0] for g in dims.get(name, ()) if g is not None]
+            signature = (self.version.get(name, 0), tuple(index.get(g) for g in groups))
+            if self.stateful and held.get(name) == signature:
+                continue
+            if self.stateful:
+                held[name] = signature
+            total += t.numel() * t.element_size()
+        return total
+
+    def commit(self, names: Iterable[str], rnd: int) -> None:
+        """The server changed these tensors in round ``rnd``."""
+        for name in names:
+            self.version[name] = rnd + 1

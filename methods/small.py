@@ -1,0 +1,49 @@
+"""The "small model" baseline of SLT (Pfeiffer et al., NeurIPS 2023, arXiv 2305.17005, §5).
+
+FedAvg of the widest uniform-width model (first-k channels in every group) whose measured
+training memory fits the *smallest* client budget; every client trains that model and it
+is evaluated at that width. The width is searched on a 1/64 grid with ceil rounding.
+"""
+from __future__ import annotations
+
+from fedbench.budget import WIDTHS, fit_largest, too_small
+from fedbench.channels import first_k
+from fedbench.method import Method
+from fedbench.models import FedModel
+from fedbench.plan import Plan
+from fedbench.registry import register_method
+from fedbench.submodel import build_submodel, load_slices
+
+
+@register_method
+class Small(Method):
+    name = "small"
+    description = "FedAvg of the widest uniform-width model that fits the smallest budget (evaluated at that width)"
+    paper = "Pfeiffer et al. 2023, Aggregating Capacity in FL through Successive Layer Training (arXiv 2305.17005), baseline"
+    budgeted = True
+
+    def width_plan(self, width: float) -> Plan:
+        return Plan.of(first_k(self.ctx.model.full_widths, width), label=f"w={width:.4g}")
+
+    def setup(self) -> None:
+        budget = min(self.config.memory_budget)
+        profiler = self.ctx.profiler
+        plans = [self.width_plan(w) for w in WIDTHS]
+        best = fit_largest(plans, profiler.memory_of, budget * self.ctx.full_memory)
+        if best is None:
+            raise too_small(budget, profiler.memory_of(plans[0]), self.ctx.full_memory, f"(width {WIDTHS[0]:g})")
+        self.small = best
+
+    def plan(self, rnd, client, gen) -> Plan:
+        return self.small
+
+    def schedule(self):
+        return [({"budget": min(self.config.memory_budget)}, self.small)]
+
+    def eval_model(self, global_model: FedModel) -> FedModel:
+        model = build_submodel(self.ctx.build, global_model, self.small).to(self.ctx.device)
+        load_slices(model, global_model, self.small)
+        return model
+
+    def describe_eval(self) -> str:
+        return f"top-1 accuracy of the small model ({self.small.label}) on the test split"
