@@ -189,9 +189,14 @@ def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
+def read_asset(path: Path = ASSET_FMNIST_MINI) -> dict[str, torch.Tensor]:
+    """The embedded subset as saved by the script: a gzip'd ``torch.save`` dict of tensors."""
+    with gzip.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
 def _load_fmnist_mini() -> Dataset:
-    with gzip.open(ASSET_FMNIST_MINI, "rb") as f:
-        blob = torch.load(io.BytesIO(f.read()), weights_only=True)
+    blob = read_asset()
     return _build("fmnist-mini", (blob["train_x"], blob["train_y"]), (blob["test_x"], blob["test_y"]), 10)
 
 

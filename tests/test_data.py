@@ -45,7 +45,7 @@ def test_fmnist_mini_is_the_documented_subset_of_the_originals():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     rebuilt = script.build(FMNIST_SRC)
-    asset = torch.load(data.ASSET_FMNIST_MINI, weights_only=True)
+    asset = data.read_asset()
     assert asset.keys() == rebuilt.keys()
     for key in asset:
         assert torch.equal(asset[key], rebuilt[key]), key
@@ -57,7 +57,7 @@ def test_fashion_mnist_from_idx_folder():
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_x.dtype == torch.uint8 and ds.num_classes == 10
     assert torch.bincount(ds.train_y).tolist() == [6000] * 10
-    mini = torch.load(data.ASSET_FMNIST_MINI, weights_only=True)
+    mini = data.read_asset()
     assert torch.equal(ds.train_x[mini["train_idx"]], mini["train_x"])
 
 
