@@ -83,9 +83,12 @@ def run(ctx: typer.Context,
         client_state: Annotated[Optional[str], typer.Option(help="stateless (everything sent each round) or stateful (only changes) for bytes down.")] = None,
         device: Device = None, seed: Seed = None,
         out: Annotated[Optional[Path], typer.Option(help="Run folder (default results/runs/<method>-<timestamp>).")] = None,
+        checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N rounds (0: only at the end).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (its config.toml).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary table.")] = False,
         config: Config = None) -> None:
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json."""
+    from fedbench.checkpoint import Checkpointer, restore
     from fedbench.config import resolve
     from fedbench.engine import prepare
     from fedbench.observers import Live, RunFiles
@@ -95,11 +98,16 @@ def run(ctx: typer.Context,
                  batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                  lr_schedule=lr_schedule, partition=partition, memory_budget=memory_budget,
                  eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
-                 seed=seed, out=str(out) if out else None, quiet=quiet or None, **parse_extra(ctx.args))
+                 seed=seed, out=str(out) if out else None, quiet=quiet or None,
+                 checkpoint_every=checkpoint_every, **parse_extra(ctx.args))
+    if resume is not None:
+        config, flags = resume_config(resume, flags)
     cfg = resolve(flags, config)
     runner = prepare(cfg)
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
-    observers = [RunFiles(folder)] + ([] if cfg.quiet else [Live(err)])
+    if resume is not None:
+        restore(runner, folder)
+    observers = [RunFiles(folder), Checkpointer(folder, cfg.checkpoint_every)] + ([] if cfg.quiet else [Live(err)])
     try:
         runner.execute(observers)
     except KeyboardInterrupt:
@@ -107,6 +115,17 @@ def run(ctx: typer.Context,
         raise typer.Exit(130) from None
     if not cfg.quiet:
         err.print(f"results: {folder}")
+
+
+def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
+    """A resumed run takes its folder's config.toml; only --rounds (to extend) and --quiet may change."""
+    path = folder / "config.toml"
+    if not path.exists():
+        raise ConfigError("--resume", f"{folder} is not a fedbench run folder (no config.toml)")
+    given = {k for k, v in flags.items() if v is not None} - {"rounds", "quiet"}
+    if given:
+        raise ConfigError("--resume", f"takes its settings from {path}; drop {', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
+    return path, {k: flags[k] for k in ("rounds", "quiet") if flags[k] is not None} | {"out": str(folder)}
 
 
 @app.command()

@@ -60,7 +60,11 @@ class Run:
     ctx: Context
     start_round: int = 0
     rows: list[dict] = field(default_factory=list)
+    traffic: Traffic | None = None
     _submodels: OrderedDict = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.traffic = Traffic(stateful=self.config.client_state == "stateful")
 
     # --- one client ---------------------------------------------------------------------
     def client_data(self, client: int) -> ClientData:
@@ -88,7 +92,7 @@ class Run:
     # --- the round loop ------------------------------------------------------------------
     def execute(self, observers: list[Observer] = ()) -> dict:
         cfg = self.config
-        traffic = Traffic(stateful=cfg.client_state == "stateful")
+        traffic = self.traffic
         for o in observers:
             o.on_start(self)
         for rnd in range(self.start_round, cfg.rounds):
@@ -144,6 +148,23 @@ class Run:
             "peak_max": max(peaks), "peak_mean": sum(peaks) / n,
             "violations": sum(not r["within_budget"] for r in records), "clients": n, "wall_s": seconds,
         }
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: global weights, method state, byte accounting."""
+        return {"round": self.completed, "model": self.model.state_dict(), "method": self.method.state_dict(),
+                "traffic": self.traffic.state_dict()}
+
+    @property
+    def completed(self) -> int:
+        return self.rows[-1]["round"] if self.rows else self.start_round
+
+    def load_state_dict(self, state: dict, rows: list[dict]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.traffic.load_state_dict(state["traffic"])
+        self.start_round = state["round"]
+        self.rows = [r for r in rows if r["round"] <= self.start_round]
 
     def summary(self) -> dict:
         evaluated = [r for r in self.rows if r["accuracy"] is not None]

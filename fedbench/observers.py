@@ -45,8 +45,13 @@ class RunFiles(Observer):
         if run.start_round == 0:
             describe(run.parts, run.dataset.train_y.cpu(), run.dataset.num_classes).to_csv(
                 self.out / "partition.csv", index=False)
-            for name in ("rounds.csv", "clients.csv"):
-                (self.out / name).unlink(missing_ok=True)
+        for name in ("rounds.csv", "clients.csv"):  # keep only rounds up to the checkpoint
+            path = self.out / name
+            if run.start_round == 0 or not path.exists():
+                path.unlink(missing_ok=True)
+            else:
+                rows = pd.read_csv(path)
+                rows[rows["round"] <= run.start_round].to_csv(path, index=False)
 
     def after_round(self, run: Run, row: dict, clients: list[dict]) -> None:
         for name, rows in (("rounds.csv", [row]), ("clients.csv", clients)):

@@ -269,6 +269,13 @@ class Traffic:
             total += t.numel() * t.element_size()
         return total
 
+    def state_dict(self) -> dict:
+        return {"version": dict(self.version), "held": {c: dict(h) for c, h in self.held.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = dict(state["version"])
+        self.held = {int(c): dict(h) for c, h in state["held"].items()}
+
     def commit(self, names: Iterable[str], rnd: int) -> None:
         """The server changed these tensors in round ``rnd``."""
         for name in names:

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 import fedbench.data as data
 from fedbench.data import CROP_PAD, Dataset, augment, load_dataset, normalize
 from fedbench.errors import ConfigError
+from tests.conftest import FMNIST_SRC, needs_fmnist
 
-FMNIST_SRC = Path("/work/shared/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST_SRC.is_dir(), reason="original Fashion-MNIST files not available")
 
 
 def test_fmnist_mini_shapes_balance_and_determinism():

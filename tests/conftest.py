@@ -1,0 +1,26 @@
+"""Shared test helpers: small real runs on the embedded data, paths to the optional shared data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbench.config import resolve
+from fedbench.engine import Run, prepare
+
+# CI clones the repo with ../shared beside it; tests that need the original files skip without it.
+FMNIST_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-mnist"
+needs_fmnist = pytest.mark.skipif(not FMNIST_SRC.is_dir(), reason="original Fashion-MNIST files not available")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SMALL = dict(clients=20, clients_per_round=4, rounds=3, eval_every=1, device="cpu", quiet=True)
+
+
+def small_run(**overrides) -> Run:
+    """A prepared run on fmnist-mini with small defaults (override any RunConfig key or option)."""
+    return prepare(resolve({**SMALL, **overrides}))
+
+
+def timing_free(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
