@@ -52,6 +52,7 @@ DATASETS: tuple[str, ...] = (
     "cifar10",
     "cifar100",
     "synthetic",
+    "synthetic:CxS:N",
     "imagefolder:PATH",
 )
 
@@ -143,6 +144,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
     """Load a dataset by name (see :data:`DATASETS`); cached within the process."""
     if name.startswith("imagefolder:"):
         return _load_imagefolder(name, Path(name.removeprefix("imagefolder:")).expanduser())
+    if name.startswith("synthetic:"):
+        return _load_cached(name, None, seed)
     if name not in DATASETS:
         allowed = ", ".join(DATASETS)
         raise ConfigError("--dataset", f"unknown dataset {name!r}; allowed: {allowed}")
@@ -161,8 +164,8 @@ def _default_data_dir() -> Path:
 def _load_cached(name: str, root: str | None, seed: int) -> Dataset:
     if name == "fmnist-mini":
         return _load_fmnist_mini()
-    if name == "synthetic":
-        return _make_synthetic(seed)
+    if name.startswith("synthetic"):
+        return _make_synthetic(name, seed, *parse_synthetic(name))
     if name in ("fashion-mnist", "mnist"):
         return _load_mnist_like(name, Path(root))
     return _load_cifar(name, Path(root))
@@ -200,24 +203,40 @@ def _load_fmnist_mini() -> Dataset:
     return _build("fmnist-mini", (blob["train_x"], blob["train_y"]), (blob["test_x"], blob["test_y"]), 10)
 
 
-def _make_synthetic(seed: int, num_classes: int = 10, size: int = 16,
-                    n_train: int = 2000, n_test: int = 500) -> Dataset:
+def parse_synthetic(name: str) -> tuple[int, int, int]:
+    """``synthetic`` = 1x16x16 images, 2,000 train; ``synthetic:CxS:N`` = C channels, SxS, N train."""
+    if name == "synthetic":
+        return 1, 16, 2000
+    try:
+        shape, count = name.removeprefix("synthetic:").split(":")
+        channels, size = (int(v) for v in shape.split("x"))
+        n_train = int(count)
+        if min(channels, size, n_train) < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("--dataset", f"{name!r}: synthetic data is 'synthetic' or 'synthetic:CxS:N' "
+                          "(C channels, SxS pixels, N train images, e.g. synthetic:3x32:50000)") from None
+    return channels, size, n_train
+
+
+def _make_synthetic(name: str, seed: int, channels: int = 1, size: int = 16, n_train: int = 2000,
+                    n_test: int = 500, num_classes: int = 10) -> Dataset:
     """Each class is a smooth random prototype; a sample is the prototype with random
     contrast plus Gaussian pixel noise, quantised to uint8. Deterministic per seed."""
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(num_classes, 1, 4, 4, generator=g)
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
     protos = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % num_classes
         y = y[torch.randperm(n, generator=g)]
         contrast = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
-        noise = 0.6 * torch.randn(n, 1, size, size, generator=g)
+        noise = 0.6 * torch.randn(n, channels, size, size, generator=g)
         img = (0.5 + contrast * (protos[y] - 0.5) + noise).clamp(0, 1)
         return (img * 255).round().to(torch.uint8), y
 
     train = draw(n_train)
-    return _build("synthetic", train, draw(n_test), num_classes)
+    return _build(name, train, draw(n_test), num_classes, augment=channels == 3)
 
 
 # ----------------------------------------------------------------------------- IDX / torchvision

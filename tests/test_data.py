@@ -80,7 +80,7 @@ def test_read_idx_rejects_other_files(tmp_path):
 
 
 def test_synthetic_is_seeded_and_learnable():
-    a, b, c = (data._make_synthetic(s) for s in (0, 0, 1))
+    a, b, c = (data._make_synthetic("synthetic", s) for s in (0, 0, 1))
     assert a.train_x.shape == (2000, 1, 16, 16) and a.test_x.shape == (500, 1, 16, 16)
     assert a.train_x.dtype == torch.uint8 and a.num_classes == 10
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
@@ -224,3 +224,11 @@ def test_imagefolder_missing_folder(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
     assert err.value.flag == "--dataset"
+
+
+def test_synthetic_with_shape_and_size():
+    ds = load_dataset("synthetic:3x32:300", seed=1)
+    assert ds.train_x.shape == (300, 3, 32, 32) and ds.augment
+    with pytest.raises(ConfigError) as e:
+        load_dataset("synthetic:3by32")
+    assert e.value.flag == "--dataset"
