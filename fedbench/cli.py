@@ -161,6 +161,82 @@ def profile(ctx: typer.Context,
         rows.to_csv(csv, index=False)
 
 
+RUN_SETTINGS = ("dataset", "data_dir", "model", "clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
+                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "eval_every", "weighting", "client_state",
+                "device", "checkpoint_every")
+
+
+def options_of(command, names: tuple[str, ...]):
+    """Give the decorated command these options of ``command``: declared once, shared (keyword-only)."""
+    import inspect
+
+    shared = inspect.signature(command, eval_str=True).parameters
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        extra = [shared[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
+        fn.__signature__ = sig.replace(parameters=own + extra)
+        return fn
+    return decorate
+
+
+@app.command(context_settings=EXTRA)
+@boundary
+@options_of(run, RUN_SETTINGS)
+def compare(ctx: typer.Context,
+            methods: Annotated[Optional[str], typer.Option(help="Comma list of methods, or all (every registered one).")] = None,
+            memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory): each cell gives ONE of them to all its clients.")] = None,
+            seeds: Annotated[Optional[str], typer.Option(help="Comma list of seeds (default 0).")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
+            jobs: Annotated[Optional[int], typer.Option(help="Cells run at once in separate processes (default 1: in turn, also on a GPU).")] = None,
+            preset: Annotated[Optional[str], typer.Option(help="smoke: every registered method at budget 0.5 on fmnist-mini, a few rounds (fedbench/presets/).")] = None,
+            check: Annotated[bool, typer.Option("--check", help="Exit 1 if a cell failed, a budgeted method exceeded a client's budget or a method ended at chance accuracy.")] = False,
+            config: Annotated[Optional[Path], typer.Option("--config", help="Sweep TOML: run keys, a list value is a sweep axis, overrides.METHOD tables.")] = None,
+            **settings) -> None:
+    """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
+    from fedbench.compare import check_cells, grid, load_sweep, sweep
+
+    flags = settings | parse_extra(ctx.args) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
+                                                    out=str(out) if out else None, jobs=jobs)
+    todo = grid(load_sweep(flags, config, preset))
+    err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already finished")
+    try:
+        sweep(todo, print_outcome)
+    except KeyboardInterrupt:
+        err.print("interrupted; finished cells are kept: rerun the same command to continue")
+        raise typer.Exit(130) from None
+    comparison = show_comparison(todo.root)
+    failures = check_cells(todo.cells, comparison.runs) if check else []
+    for line in failures:
+        err.print(f"check failed: {line}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+def print_outcome(o) -> None:
+    err.print(f"{'done' if o.ok else 'FAILED'} {o.cell}: {o.message} ({o.seconds:.0f} s, CPU {o.cpu_seconds:.0f} s)",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+@boundary
+def report(folder: Annotated[Path, typer.Argument(help="A sweep folder (any folder holding run folders).")]) -> None:
+    """Rebuild the tables (printed, CSV, Markdown) and plots from the run folders under FOLDER, into FOLDER/report."""
+    show_comparison(folder)
+
+
+def show_comparison(root: Path):
+    from fedbench.report import compare_runs, render_comparison, write_comparison
+
+    comparison = compare_runs(root)
+    write_comparison(comparison, root / "report")
+    for table in render_comparison(comparison):
+        out.print(table)
+    err.print(f"tables and plots: {root / 'report'}")
+    return comparison
+
+
 def main() -> None:
     app(prog_name="fedbench")
 

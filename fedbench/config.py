@@ -19,7 +19,7 @@ class RunConfig:
     method: str = "fedavg"
     dataset: str = "fmnist-mini"
     data_dir: str | None = None
-    model: str | None = None              # None: cnn for 1-channel data, resnet20 otherwise
+    model: str | None = None              # None: the method's preferred model, else cnn for 1-channel data, else resnet20
     clients: int = 100
     clients_per_round: int = 10
     rounds: int = 40
@@ -173,7 +173,10 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def with_model(cfg: RunConfig, in_chans: int) -> RunConfig:
     """Fill the default model once the dataset is known, and check model-specific options."""
+    from fedbench.registry import get_method
+
     if cfg.model is not None:
         return cfg
-    return validate(replace(cfg, model="cnn" if in_chans == 1 else "resnet20"))
+    default = get_method(cfg.method).preferred_model or ("cnn" if in_chans == 1 else "resnet20")
+    return validate(replace(cfg, model=default))
 

@@ -118,6 +118,7 @@ class Method:
     paper: ClassVar[str] = ""
     supervised: ClassVar[bool] = True   # False: evaluated by linear probe (the output says so)
     budgeted: ClassVar[bool] = False    # True: the method fits each client's configuration to its budget
+    preferred_model: ClassVar[str | None] = None  # used when --model is not given (e.g. the paper's model)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx

@@ -129,8 +129,14 @@ class Profiler:
         """Peak training memory (bytes) of a plan: the maximum over its steps."""
         return max(self.measure(plan, i).peak for i in range(len(plan.steps)))
 
+    @staticmethod
+    def step_key(plan: Plan, step_index: int) -> tuple:
+        """What one step's cost depends on: widths, blocks held, the step, rate, options (not the other steps)."""
+        widths, _, rate, options = plan.shape_key()
+        return widths, plan.blocks(), plan.steps[step_index], rate, options
+
     def measure(self, plan: Plan, step_index: int = 0) -> Measurement:
-        key = (plan.shape_key(), step_index)
+        key = self.step_key(plan, step_index)
         if key not in self._memory:
             self._memory[key] = self._measure(plan, plan.steps[step_index])
         return self._memory[key]
@@ -196,7 +202,7 @@ class Profiler:
     # --- FLOPs --------------------------------------------------------------------------
     def train_flops(self, plan: Plan, step_index: int = 0) -> int:
         """Training FLOPs per sample of one step (forward + backward of what runs), on meta."""
-        key = (plan.shape_key(), step_index)
+        key = self.step_key(plan, step_index)
         if key not in self._flops:
             meta = torch.device("meta")
             with meta:

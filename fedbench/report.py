@@ -1,10 +1,19 @@
 """Tables built once as DataFrames; rich, CSV and Markdown are thin renderers of them."""
 from __future__ import annotations
 
-import pandas as pd
-from rich.table import Table
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from fedbench.config import FIELDS, load_toml
 from fedbench.engine import Run
+from fedbench.errors import ConfigError
 from fedbench.plan import Plan
 
 MB = 1e6
@@ -60,3 +69,287 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# --- comparison of finished runs (fedbench compare / report) ------------------------------------
+RUN_MARKERS = ("config.toml", "summary.json", "rounds.csv", "failed.json")
+NOT_SETTINGS = {"method", "seed", "memory_budget", "out", "quiet", "checkpoint_every", "device"}
+SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "violations", "peak_max_bytes",
+                "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
+CELL_KEYS = ["row", "supervised", "budget"]
+RUN_COLUMNS = ["folder", "status", "problem", "method", "seed", "budget", "budget_value", "rounds", "final_accuracy",
+               "violations", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
+               "settings", "path"]
+
+
+@dataclass
+class Comparison:
+    """Rows built once from run folders; every table, CSV, Markdown file and plot renders these."""
+
+    runs: pd.DataFrame    # one per run folder: status ok | failed | incomplete | corrupt, problem, measurements
+    curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up
+    cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs
+
+
+class Inconsistent(Exception):
+    """A run folder whose files are unreadable or disagree with each other."""
+
+
+def compare_runs(root: str | Path) -> Comparison:
+    """Read every run folder under ``root`` (recursively); raises ConfigError if there is none."""
+    root = Path(root)
+    folders = sorted({p.parent for name in RUN_MARKERS for p in root.rglob(name)}) if root.is_dir() else []
+    if not folders:
+        raise ConfigError("DIR", f"no fedbench run folders (config.toml, summary.json) under {root}")
+    rows, curves = [], []
+    for folder in folders:
+        row, curve = read_run(folder)
+        row["folder"] = folder.relative_to(root).as_posix()
+        rows.append(row)
+        if curve is not None:
+            curves.append(curve.assign(folder=row["folder"]))
+    runs = label_rows(pd.DataFrame(rows, columns=RUN_COLUMNS))
+    keys = runs[["folder", "row", "budget", "supervised"]]
+    curves = (pd.concat(curves).merge(keys, on="folder") if curves
+              else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB"]))
+    return Comparison(runs, curves, cell_stats(runs))
+
+
+def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
+    """One run folder -> (its row, its per-round curve or None when it is not a finished, consistent run)."""
+    row: dict = {"path": str(folder.resolve())}
+    try:
+        config = read_json_or_toml(folder / "config.toml")
+        budget = budget_of(config)
+        row |= {"method": config.get("method"), "seed": config.get("seed"), "budget": "+".join(f"{b:g}" for b in budget),
+                "budget_value": budget[0] if len(budget) == 1 else float("nan"),
+                "settings": {k: v for k, v in config.items() if k not in NOT_SETTINGS}}
+        if not (folder / "summary.json").exists():
+            return row | unfinished(folder, config), None
+        summary = read_json_or_toml(folder / "summary.json")
+        rounds, clients = read_csv(folder / "rounds.csv"), read_csv(folder / "clients.csv")
+        consistent(config, summary, rounds, clients)
+    except Inconsistent as e:
+        return row | {"status": "corrupt", "problem": str(e)}, None
+    mb = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / MB
+    return row | {
+        "status": "ok", "problem": "", "rounds": summary["rounds"], "final_accuracy": summary["final_accuracy"],
+        "evaluation": summary.get("evaluation", ""), "violations": summary["violations"],
+        "peak_MB": summary["peak_max_bytes"] / MB,
+        "peak_of_budget": float((clients["peak_bytes"] / clients["budget_bytes"]).max()),
+        "train_GFLOPs": summary["train_flops_per_client_round"] / 1e9,
+        "MB_down": summary["bytes_down_per_client_round"] / MB, "MB_up": summary["bytes_up_per_client_round"] / MB,
+        "wall_s": summary.get("wall_s"),
+    }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb})
+
+
+def budget_of(config: dict) -> list[float]:
+    try:
+        return [float(b) for b in config.get("memory_budget", [1.0])]
+    except (TypeError, ValueError):
+        raise Inconsistent(f"config.toml memory-budget {config.get('memory_budget')!r} is not a list of numbers") from None
+
+
+def read_json_or_toml(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else load_toml(path)
+    except (OSError, ValueError) as e:  # ConfigError and JSONDecodeError are ValueErrors
+        raise Inconsistent(f"{path.name} unreadable ({getattr(e, 'message', e)})") from None
+    if not isinstance(data, dict):
+        raise Inconsistent(f"{path.name} is not a table")
+    return data
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as e:  # missing, empty or malformed
+        raise Inconsistent(f"{path.name} unreadable ({e})") from None
+
+
+def unfinished(folder: Path, config: dict) -> dict:
+    failed = folder / "failed.json"
+    if failed.exists():
+        return {"status": "failed", "problem": str(read_json_or_toml(failed).get("error", "?"))}
+    try:
+        done = len(pd.read_csv(folder / "rounds.csv"))
+    except (OSError, ValueError):
+        done = 0
+    return {"status": "incomplete",
+            "problem": f"no summary.json; {done} of {config.get('rounds', '?')} rounds in rounds.csv"}
+
+
+def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame) -> None:
+    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv describe the same finished run."""
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise Inconsistent(f"summary.json lacks {', '.join(missing)}")
+    for key in ("method", "seed", "memory_budget"):
+        if summary[key] != config.get(key):
+            raise Inconsistent(f"summary.json {key} {summary[key]!r} differs from config.toml {config.get(key)!r}")
+    for name, frame, columns in (("rounds.csv", rounds, ("round", "accuracy", "violations", "clients", "bytes_down",
+                                                         "bytes_up")),
+                                 ("clients.csv", clients, ("round", "peak_bytes", "budget_bytes"))):
+        if not set(columns) <= set(frame.columns):
+            raise Inconsistent(f"{name} lacks columns {', '.join(sorted(set(columns) - set(frame.columns)))}")
+    if rounds["round"].tolist() != list(range(1, summary["rounds"] + 1)):
+        raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, summary.json says {summary['rounds']}")
+    evaluated = rounds["accuracy"].dropna()
+    last = float(evaluated.iloc[-1]) if len(evaluated) else None
+    final = summary["final_accuracy"]
+    if (last is None) != (final is None) or (last is not None and abs(last - final) > 1e-9):
+        raise Inconsistent(f"rounds.csv ends at accuracy {last}, summary.json says {final}")
+    violations, client_rounds = int(rounds["violations"].sum()), int(rounds["clients"].sum())
+    if violations != summary["violations"]:
+        raise Inconsistent(f"rounds.csv has {violations} violations, summary.json says {summary['violations']}")
+    if len(clients) != client_rounds or set(clients["round"]) != set(rounds["round"]):
+        raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}")
+
+
+def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Row label = method, plus the settings that differ between that method's runs (never averaged over)
+    and the run settings (RunConfig fields) where the run differs from the most common value of all runs."""
+    from fedbench.registry import get_method
+
+    def supervised(method, evaluation) -> bool:
+        try:
+            return get_method(method).supervised
+        except ConfigError:  # a method not registered here: judge by what its summary says
+            return "linear-probe" not in str(evaluation)
+
+    known = [s for s in runs["settings"] if isinstance(s, dict)]
+    common = {k: Counter(repr(s.get(k)) for s in known).most_common(1)[0][0]
+              for k in FIELDS - NOT_SETTINGS if known}
+    labels = []
+    for method, settings in zip(runs["method"], runs["settings"]):
+        if not isinstance(settings, dict):
+            labels.append(None)
+            continue
+        others = [s for m, s in zip(runs["method"], runs["settings"]) if m == method and isinstance(s, dict)]
+        varying = {k for k in {k for s in others for k in s} if len({repr(s.get(k)) for s in others}) > 1}
+        unusual = {k for k in common if repr(settings.get(k)) != common[k]}
+        labels.append(method + "".join(f" {k.replace('_', '-')}={settings.get(k)}" for k in sorted(varying | unusual)))
+    return runs.assign(row=labels, supervised=[supervised(m, e) for m, e in zip(runs["method"], runs["evaluation"])])
+
+
+def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs per (row, budget): how many finished (seeds), failed or are missing (runs - seeds - failed);
+    accuracy mean/std over the finished seeds, worst memory, mean costs."""
+    done = runs[runs["method"].notna()]
+    done = done.assign(ok=done["status"] == "ok", failed=done["status"] == "failed",
+                       error=done["problem"].where(done["status"] == "failed"))
+    cells = done.groupby(CELL_KEYS).agg(
+        budget_value=("budget_value", "first"), runs=("ok", "size"), seeds=("ok", "sum"), failed=("failed", "sum"),
+        error=("error", "first"),
+        accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
+        peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
+        MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum")).reset_index()
+    return cells.sort_values(["supervised", "row", "budget_value", "budget"], ascending=[False, True, True, True],
+                             ignore_index=True)
+
+
+def over(c) -> str:
+    return " !" if c.violations > 0 else ""
+
+
+def fmt_accuracy(c) -> str:
+    """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; failed; - (none finished)."""
+    if c.seeds == 0:
+        return "failed" if c.failed else "-"
+    spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
+    part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
+    return f"{c.accuracy_mean:.4f}{spread}{part}{over(c)}"
+
+
+TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)
+    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget)",
+                 fmt_accuracy, True),
+    "accuracy_ssl": ("Self-supervised methods: final linear-probe accuracy (see runs.csv evaluation), mean ± std "
+                     "over seeds (! = over budget)", fmt_accuracy, False),
+    "memory": ("Peak client training memory, MB, max over client-rounds (in brackets: peak / budget, max)",
+               lambda c: "-" if c.seeds == 0 else f"{c.peak_MB:.3g} ({c.peak_of_budget:.2f}){over(c)}", None),
+    "flops": ("Training GFLOPs per client-round (mean over seeds)",
+              lambda c: "-" if c.seeds == 0 else f"{c.train_GFLOPs:.3g}", None),
+    "communication": ("MB down / up per client-round (mean over seeds)",
+                      lambda c: "-" if c.seeds == 0 else f"{c.MB_down:.3g} / {c.MB_up:.3g}", None),
+}
+
+
+def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Rows = methods (and settings that vary), columns = memory budgets; only tables that have rows."""
+    out = {}
+    budgets = budget_order(comp.cells["budget"])
+    for name, (title, text, kind) in TABLES.items():
+        cells = comp.cells if kind is None else comp.cells[comp.cells["supervised"] == kind]
+        if cells.empty:
+            continue
+        table = (cells.assign(text=[text(c) for c in cells.itertuples()])
+                 .pivot(index="row", columns="budget", values="text")
+                 .reindex(index=cells["row"].unique(), columns=[b for b in budgets if b in set(cells["budget"])])
+                 .fillna("-"))
+        table.index.name, table.columns.name = "method", None
+        out[name] = (title, table)
+    return out
+
+
+def budget_order(labels) -> list[str]:
+    """Budget labels ('0.25', or '0.125+0.5' for a mixed-budget run) in numeric order."""
+    return sorted(set(labels), key=lambda b: [float(v) for v in b.split("+")])
+
+
+def problems(comp: Comparison) -> pd.DataFrame:
+    return comp.runs.loc[comp.runs["status"] != "ok", ["folder", "status", "problem"]]
+
+
+def render_comparison(comp: Comparison) -> list[Group]:
+    """Each table under its title (a rich title would wrap at the table's width)."""
+    tables = []
+    for title, pivot in pivots(comp).values():
+        table = Table()
+        table.add_column("method")
+        for budget in pivot.columns:
+            table.add_column(f"budget {budget}", justify="right")
+        for method, values in pivot.iterrows():
+            table.add_row(method, *values)
+        tables.append(Group(Text(title, style="bold"), table))
+    bad = problems(comp)
+    if len(bad):
+        table = Table("folder", "status", "problem")
+        for r in bad.itertuples():
+            table.add_row(r.folder, r.status, r.problem)
+        tables.append(Group(Text("Runs not in the tables", style="bold red"), table))
+    return tables
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    frame = frame.reset_index()
+    cells = [[str(c) for c in frame.columns]]
+    cells += [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(frame.columns), *lines[1:]]) + "\n"
+
+
+def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
+    """runs.csv (one row per run), cells.csv (per method and budget), one CSV per table, report.md, plots."""
+    from fedbench.plots import write_plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "runs.csv", folder / "cells.csv", folder / "curves.csv"]
+    comp.runs.drop(columns=["settings", "path"]).to_csv(paths[0], index=False)
+    comp.cells.to_csv(paths[1], index=False)
+    comp.curves.to_csv(paths[2], index=False)
+    doc = ["# fedbench comparison\n", "Budgets are fractions of the full model's measured training memory "
+           "(FedAvg, same batch size); MB = 1e6 B.\n"]
+    for name, (title, pivot) in pivots(comp).items():
+        pivot.to_csv(folder / f"{name}.csv")
+        paths.append(folder / f"{name}.csv")
+        doc += [f"## {title}\n", markdown(pivot)]
+    evaluation = comp.runs[comp.runs["status"] == "ok"].drop_duplicates(["row", "evaluation"])
+    doc += ["## Evaluation\n", "".join(f"- {r.row}: {r.evaluation}\n" for r in evaluation.itertuples())]
+    bad = problems(comp)
+    if len(bad):
+        doc += ["## Runs not in the tables\n", markdown(bad.set_index("folder"))]
+    paths.append(folder / "report.md")
+    paths[-1].write_text("\n".join(doc))
+    return paths + write_plots(comp, folder)

@@ -67,8 +67,11 @@ def load_slices(sub: FedModel, global_model: FedModel, plan: Plan) -> None:
 
 
 def set_trainable(model: FedModel, step: Step) -> None:
+    """Train only the step's parameters; frozen ones drop gradients left from an earlier step (memory)."""
     for name, p in model.named_parameters():
         p.requires_grad_(step.trains(name))
+        if not p.requires_grad:
+            p.grad = None
 
 
 def uploaded(model: FedModel, plan: Plan) -> dict[str, torch.Tensor]:

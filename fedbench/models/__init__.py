@@ -38,6 +38,6 @@ def create_model(name: str, **kwargs) -> FedModel:
     return _MODELS[name](**{k: v for k, v in kwargs.items() if v is not None})
 
 
-from fedbench.models import cnn, resnet  # noqa: E402,F401  (registration by import)
+from fedbench.models import cnn, preresnet, resnet, resnet_slt, vit  # noqa: E402,F401  (registration by import)
 
 __all__ = ["FedModel", "Scaler", "scaled", "register_model", "create_model", "list_models", "model_options"]

@@ -64,6 +64,20 @@ class FedModel(nn.Module):
         """Groups that must share one index set (residual streams joined by identity shortcuts)."""
         return []
 
+    def layer_groups(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Layers in forward order: (output group, names of the parameters the layer owns).
+
+        A layer owns the parameters whose first dimension its group indexes (a conv or linear
+        with its norm; a ResNet's projection shortcut into that stream). Derived from
+        ``param_dims``, which lists parameters in forward order; parameters owned by no group
+        (the classifier) belong to no layer. Used by layer-wise methods (SLT's K layers).
+        """
+        layers: dict[str, list[str]] = {}
+        for name, dims in self.param_dims().items():
+            if dims and isinstance(dims[0], str):
+                layers.setdefault(dims[0], []).append(name)
+        return [(g, tuple(names)) for g, names in layers.items()]
+
     def units(self) -> list[nn.Module]:
         return [self.stem, *self.blocks, self.head]
 

@@ -25,12 +25,14 @@ def norm(channels: int) -> nn.BatchNorm2d:
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, add shortcut, ReLU.
 
-    ``project`` (decided at full width) selects a 1x1 conv + BN shortcut. Otherwise the identity
-    shortcut keeps the first ``out_w`` input channels: the truncating shortcut SLT needs at its
-    full-width -> head boundary (methods-width-slt.md §5.2); equal widths make it a plain identity.
+    ``project`` (decided at full width) selects a conv + BN shortcut (square ``shortcut_kernel``,
+    conv1's stride). Otherwise the identity shortcut keeps the first ``out_w`` input channels:
+    the truncating shortcut SLT needs at its full-width -> head boundary (methods-width-slt.md
+    §5.2); equal widths make it a plain identity.
     """
 
-    def __init__(self, in_w: int, mid_w: int, out_w: int, stride: int, project: bool, rate: float):
+    def __init__(self, in_w: int, mid_w: int, out_w: int, stride: int, project: bool, rate: float,
+                 shortcut_kernel: int = 1):
         super().__init__()
         if not project and out_w > in_w:
             raise ValueError(f"identity shortcut cannot widen {in_w} -> {out_w} channels")
@@ -38,8 +40,9 @@ class BasicBlock(nn.Module):
         self.scale1, self.bn1 = Scaler(rate), norm(mid_w)
         self.conv2 = nn.Conv2d(mid_w, out_w, 3, 1, 1, bias=False)
         self.scale2, self.bn2 = Scaler(rate), norm(out_w)
-        self.shortcut = (nn.Sequential(nn.Conv2d(in_w, out_w, 1, stride, bias=False), Scaler(rate), norm(out_w))
-                         if project else None)
+        k = shortcut_kernel
+        self.shortcut = (nn.Sequential(nn.Conv2d(in_w, out_w, k, stride, k // 2, bias=False), Scaler(rate),
+                                       norm(out_w)) if project else None)
         self.out_w = out_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,14 @@ def prev_group(layout) -> str:
 
 @register_model("resnet20")
 class ResNet20(FedModel):
-    """3 stages x 3 BasicBlocks at 16/32/64 channels, global average pool, linear classifier."""
+    """3 stages x 3 BasicBlocks at 16/32/64 channels, global average pool, linear classifier.
+
+    Subclasses may set ``shortcut_kernel`` (projection conv size) and ``pool`` (AvgPool2d kernel
+    instead of the global pool; the classifier then takes ``pool_positions`` features per channel).
+    """
+
+    shortcut_kernel: int = 1
+    pool: int = 0  # 0: global average pool
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  widths: dict[str, int] | None = None, rate: float = 1.0):
@@ -76,9 +86,12 @@ class ResNet20(FedModel):
         self.stem = nn.Sequential(nn.Conv2d(in_chans, w["stem"], 3, 1, 1, bias=False), Scaler(rate),
                                   norm(w["stem"]), nn.ReLU())
         self.blocks = nn.ModuleList(
-            BasicBlock(w[g], w[f"b{i}.mid"], w[f"b{i}.out"], stride, project, rate)
+            BasicBlock(w[g], w[f"b{i}.mid"], w[f"b{i}.out"], stride, project, rate, self.shortcut_kernel)
             for g, i, stride, project in layout)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w[prev], num_classes))
+        side = (img_size - 1) // 4 + 1  # after the two stride-2 stages
+        self.pool_positions = (side // self.pool) ** 2 if self.pool else 1
+        self.head = nn.Sequential(nn.AvgPool2d(self.pool) if self.pool else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(w[prev] * self.pool_positions, num_classes))
 
     def param_dims(self):
         dims = {"stem.0.weight": ("stem", None), "stem.2.weight": ("stem",), "stem.2.bias": ("stem",)}
@@ -89,7 +102,8 @@ class ResNet20(FedModel):
             if project:
                 dims |= {p + "shortcut.0.weight": (out, g), p + "shortcut.2.weight": (out,),
                          p + "shortcut.2.bias": (out,)}
-        dims["head.2.weight"] = (None, prev_group(self.layout))
+        last, n = prev_group(self.layout), self.pool_positions
+        dims["head.2.weight"] = (None, (last, n) if n > 1 else last)
         return dims
 
     def tied_groups(self):

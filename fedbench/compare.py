@@ -1,0 +1,309 @@
+"""``fedbench compare``: a grid of ordinary runs, resumable, optionally in parallel processes.
+
+A sweep is a dict of run settings (preset < sweep TOML < flags). ``method``, ``memory_budget``
+and ``seed`` are always sweep axes; any other key whose value is a list is one too. Each
+``memory_budget`` item is ONE cell's budget for all its clients (a nested list is a mixed-budget
+cell). ``[overrides.METHOD]`` tables (or ``[overrides.self-supervised]``, for every method with
+``supervised = False``) hold plain settings for one method; a method option applies only to the
+methods that have it.
+
+Each cell is one run folder, ``OUT/<method>/b<budget>[-<key>=<value>...]/s<seed>``. A cell whose
+summary.json exists is skipped, an incomplete one with a checkpoint resumes from it, so rerunning
+the same command continues an interrupted sweep. Everything that can be checked without training
+(settings, dataset, model, folders holding a run with other settings) is checked for every cell
+before anything runs; a cell that still fails (a budget too small for a method, a crash) is
+recorded in its folder (failed.json) and the sweep goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, fields
+from itertools import product
+from multiprocessing import get_context
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedbench.config import (FIELDS, RunConfig, load_toml, method_options, model_kwargs, parse_budget, resolve,
+                             with_model)
+from fedbench.errors import ConfigError
+from fedbench.registry import get_method, list_methods
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FAILED = "failed.json"
+SUMMARY = "summary.json"
+SELF_SUPERVISED = "self-supervised"
+AXES = ("method", "memory_budget", "seed")
+ALIASES = {"methods": "method", "seeds": "seed"}
+IGNORED = {"out", "quiet", "checkpoint_every", "device", "options"}  # may differ when a cell is continued
+
+PRESETS = Path(__file__).with_name("presets")  # <name>.toml: sweep files shipped with fedbench
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its resolved config (``config.out`` is its folder)."""
+
+    name: str                 # folder relative to the sweep's root, e.g. fedavg/b0.25/s0
+    config: RunConfig
+    num_classes: int
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.out)
+
+    def complete(self) -> bool:
+        return (self.folder / SUMMARY).exists()
+
+
+@dataclass(frozen=True)
+class Grid:
+    root: Path                # the sweep folder
+    cells: list[Cell]
+    jobs: int = 1             # cells run at once (separate processes when > 1)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    cell: str
+    ok: bool
+    message: str              # final accuracy, or the error
+    seconds: float            # wall time
+    cpu_seconds: float        # CPU time of the process (all its threads) while the cell ran
+
+
+# --- the grid --------------------------------------------------------------------------------
+def load_sweep(flags: dict[str, Any], config: str | Path | None = None, preset: str | None = None) -> dict[str, Any]:
+    """Preset < sweep TOML < flags (None flags do not count); ``methods``/``seeds`` read as ``method``/``seed``."""
+    spec: dict[str, Any] = {}
+    if preset is not None and not (PRESETS / f"{preset}.toml").is_file():
+        allowed = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError("--preset", f"unknown preset {preset!r}; allowed: {allowed}")
+    for source in (load_toml(PRESETS / f"{preset}.toml") if preset else {}, load_toml(config) if config else {},
+                   {k: v for k, v in flags.items() if v is not None}):
+        spec |= {ALIASES.get(k, k): v for k, v in source.items()}
+    return spec
+
+
+def as_list(value: Any) -> list:
+    """A sweep axis: a list as is, a comma string split, anything else one value."""
+    if isinstance(value, list):
+        return value
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
+
+
+def grid(spec: dict[str, Any]) -> Grid:
+    """Every cell of the sweep, resolved and validated; raises ConfigError, writes nothing."""
+    spec = dict(spec)
+    if not spec.get("out"):
+        raise ConfigError("--out", "required: the sweep folder (rerun the same command to continue a sweep)")
+    root = Path(spec.pop("out"))
+    jobs = spec.pop("jobs", None)
+    jobs = 1 if jobs is None else jobs
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError("--jobs", f"{jobs!r} not allowed; must be a positive integer")
+    methods = method_list(spec.pop("method", None))
+    budgets = [parse_budget(b) for b in as_list(spec.pop("memory_budget", 1.0))]
+    seeds = [seed_value(s) for s in as_list(spec.pop("seed", 0))]
+    overrides = override_tables(spec.pop("overrides", {}), methods)
+    owners = {f.name for m in methods for f in fields(get_method(m).Options)}  # method options of the grid
+    cells, datasets = [], {}
+    for method in methods:
+        own = {f.name for f in fields(get_method(method).Options)}
+        settings = {k: v for k, v in spec.items() if k in FIELDS or k in own or k not in owners}
+        settings |= overrides.get(method, {})
+        axes = {k: v for k, v in settings.items() if isinstance(v, list) and k not in overrides.get(method, {})}
+        for values, budget, seed in product(product(*axes.values()), budgets, seeds):
+            chosen = dict(zip(axes, values))
+            name = cell_name(method, budget, seed, chosen)
+            flags = settings | chosen | {"method": method, "memory_budget": budget, "seed": seed,
+                                         "out": str(root / name), "quiet": True}
+            cfg = resolve(flags)
+            key = (cfg.dataset, cfg.data_dir, cfg.seed if cfg.dataset == "synthetic" else 0)
+            if key not in datasets:
+                datasets[key] = dataset_of(cfg)
+            cells.append(Cell(name, with_model(cfg, datasets[key].in_chans), datasets[key].num_classes))
+    cells.sort(key=lambda c: seeds.index(c.config.seed))  # a whole table at the first seed comes first
+    check_folders(cells)
+    return Grid(root, cells, jobs)
+
+
+def method_list(value: Any) -> list[str]:
+    if value is None:
+        raise ConfigError("--methods", "required: a comma list of methods, or all (see `fedbench methods`)")
+    names = as_list(value)
+    if names == ["all"]:
+        return [m.name for m in list_methods()]
+    for name in names:
+        known(name, "--methods")
+    if len(set(names)) != len(names):
+        raise ConfigError("--methods", f"{','.join(names)} names a method twice")
+    return names
+
+
+def known(method: str, flag: str) -> None:
+    try:
+        get_method(method)
+    except ConfigError as e:
+        raise ConfigError(flag, e.message) from None
+
+
+def seed_value(value: Any) -> int:
+    try:
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError("--seeds", f"{value!r} is not an integer; give a comma list such as 0,1,2") from None
+
+
+def override_tables(tables: Any, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-method settings: ``overrides.<method>``, or ``overrides.self-supervised`` for every SSL method."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("--config", "overrides must be tables: [overrides.METHOD] with plain run settings")
+    tables = {name: {k.replace("-", "_"): v for k, v in t.items()} for name, t in tables.items()}
+    for name, table in tables.items():
+        if name != SELF_SUPERVISED:
+            known(name, "--config")
+        fixed = set(table) & {*AXES, "out"}
+        if fixed:
+            raise ConfigError("--config", f"overrides.{name} cannot set {', '.join(sorted(fixed))} (sweep axes and "
+                                          f"the sweep folder are the same for every method)")
+    out = {}
+    for m in methods:
+        ssl = {} if get_method(m).supervised else tables.get(SELF_SUPERVISED, {})
+        out[m] = ssl | tables.get(m, {})
+    return out
+
+
+def cell_name(method: str, budget: tuple[float, ...], seed: int, axes: dict[str, Any]) -> str:
+    parts = ["b" + "+".join(f"{b:g}" for b in budget)]
+    parts += [f"{k.replace('_', '-')}={v}" for k, v in sorted(axes.items())]
+    return f"{method}/{re.sub(r'[^A-Za-z0-9._=+-]', '_', '-'.join(parts))}/s{seed}"
+
+
+def dataset_of(cfg: RunConfig):
+    from fedbench.data import load_dataset
+    return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+
+
+def check_folders(cells: list[Cell]) -> None:
+    """Two cells never share a folder, and a folder never holds a run with other settings."""
+    seen: dict[Path, str] = {}
+    for cell in cells:
+        if cell.folder in seen:
+            raise ConfigError("--config", f"cells {seen[cell.folder]} and {cell.name} map to the same folder; "
+                                          "make the swept values distinct")
+        seen[cell.folder] = cell.name
+        stored = cell.folder / "config.toml"
+        if stored.exists():
+            differs = settings_differ(cell.config, stored)
+            if differs:
+                raise ConfigError("--out", f"{cell.folder} holds a run with other settings ({', '.join(differs)}); "
+                                           "use another --out, or delete that folder")
+
+
+def settings_differ(cfg: RunConfig, stored: Path) -> list[str]:
+    """Settings of ``cfg`` that differ from the run config stored in a cell folder."""
+    try:
+        old = resolve({}, stored)
+    except ConfigError as e:
+        return [f"unreadable {stored.name}: {e.message}"]
+    differ = [f.name for f in fields(RunConfig)
+              if f.name not in IGNORED and getattr(old, f.name) != getattr(cfg, f.name)]
+    if method_options(get_method(cfg.method), old) != method_options(get_method(cfg.method), cfg):
+        differ.append("method options")
+    if model_kwargs(old) != model_kwargs(cfg):
+        differ.append("model options")
+    return differ
+
+
+# --- running -----------------------------------------------------------------------------------
+def run_cell(cell: Cell) -> Outcome:
+    """One cell: a fresh run, or the continuation of its checkpoint; any failure is recorded, not raised."""
+    from fedbench.checkpoint import CHECKPOINT, Checkpointer, restore
+    from fedbench.engine import prepare
+    from fedbench.observers import RunFiles, to_toml, write_atomic
+
+    folder, t0, cpu0 = cell.folder, time.perf_counter(), time.process_time()
+    (folder / FAILED).unlink(missing_ok=True)
+    try:
+        runner = prepare(cell.config)
+        if (folder / CHECKPOINT).exists():
+            restore(runner, folder)
+        summary = runner.execute([RunFiles(folder), Checkpointer(folder, cell.config.checkpoint_every)])
+    except Exception as e:  # the sweep's error boundary: recorded in the cell folder and in the table
+        message = f"{e.flag}: {e.message}" if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "config.toml").exists():
+            write_atomic(folder / "config.toml", to_toml(cell.config.to_dict()))
+        write_atomic(folder / FAILED, json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=1))
+        return Outcome(cell.name, False, message, time.perf_counter() - t0, time.process_time() - cpu0)
+    acc = summary["final_accuracy"]
+    return Outcome(cell.name, True, "accuracy " + ("-" if acc is None else f"{acc:.4f}"),
+                   time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+def limit_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def sweep(grid: Grid, report: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+    """Run the incomplete cells, ``grid.jobs`` at a time in spawned processes (1: in turn, in this process).
+
+    With one GPU, cells take turns on it unless ``jobs`` > 1 is asked for; then they share it.
+    """
+    todo = [c for c in grid.cells if not c.complete()]
+    outcomes = []
+    for outcome in (run_in_turn(todo) if grid.jobs == 1 else run_parallel(todo, grid.jobs)):
+        report(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_in_turn(cells: list[Cell]) -> Iterator[Outcome]:
+    for cell in cells:
+        yield run_cell(cell)
+
+
+def run_parallel(cells: list[Cell], jobs: int) -> Iterator[Outcome]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=limit_threads, initargs=(threads,))
+    try:
+        futures = {pool.submit(run_cell, c): c for c in cells}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool as e:  # a worker died (killed, out of memory): its cells are not done
+                yield Outcome(futures[future].name, False, f"worker process died: {e}", 0.0, 0.0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- the smoke check ---------------------------------------------------------------------------
+def check_cells(cells: list[Cell], runs: "pd.DataFrame") -> list[str]:
+    """Why the grid fails ``--check``: a cell that did not finish (or whose folder is inconsistent), a
+    budgeted method over a client's budget, or a final accuracy at chance (<= 1.5 / classes)."""
+    by_folder = {Path(f).resolve(): r for f, r in zip(runs["path"], runs.to_dict("records"))}
+    problems = []
+    for cell in cells:
+        run = by_folder.get(cell.folder.resolve())
+        chance = 1.5 / cell.num_classes
+        if run is None or run["status"] != "ok":
+            problems.append(f"{cell.name}: {'no run' if run is None else run['status'] + ': ' + run['problem']}")
+        elif get_method(cell.config.method).budgeted and run["violations"] > 0:
+            problems.append(f"{cell.name}: {int(run['violations'])} client-rounds over budget "
+                            f"(peak / budget up to {run['peak_of_budget']:.2f})")
+        elif not run["final_accuracy"] > chance:
+            problems.append(f"{cell.name}: final accuracy {run['final_accuracy']} is at chance (<= {chance:.3f})")
+    return problems
+

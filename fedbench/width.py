@@ -1,0 +1,218 @@
+"""Width-based partial training (HeteroFL, FedRolex, Federated Dropout): what the three share.
+
+A client with budget b trains a width-w sub-model: w is the largest width on the
+``budget.WIDTHS`` grid whose *measured* training memory (``profiler.memory_of``) fits
+b x the full model's memory (searched once per distinct budget in ``setup``; b >= 1 means
+full width). The methods differ only in which channels a width-w client holds (the index
+policy, ``indices``) and in a few training details, collected per published variant in a
+``Recipe`` (methods-width-slt.md §2.3, §3.2, §4.2, §5.7):
+
+- ``rounding``: channels kept per group, ceil(w C) (HeteroFL/FedRolex code) or floor (FedRolex
+  Eq. 4, SLT's baselines);
+- ``scaler``: HeteroFL's Scaler, ``plan.rate = w`` (client width / global width 1);
+- ``masked_loss``: logits of classes the client does not hold are set to 0 before the cross-entropy;
+- ``label_rows``: classifier rows (weight and bias) are averaged only over the clients holding that label;
+- ``clip``: gradient-norm clipping at every local step (0: none);
+- ``sbn``: HeteroFL's static-BN statistics pass before evaluation (``static_bn``);
+- ``eval_width``: evaluate the full-width model, or the largest client width (SLT's HeteroFL).
+
+Aggregation is the engine's masked mean (each element over the clients holding it). The
+papers average without client weights; with fedbench's iid and shard partitions (equal client
+sizes) ``--weighting samples`` is identical, for unequal partitions pass ``--weighting uniform``.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedbench.aggregate import MaskedMean
+from fedbench.budget import WIDTHS, fit_largest, too_small
+from fedbench.channels import first_k
+from fedbench.data import Dataset, normalize
+from fedbench.errors import ConfigError
+from fedbench.method import ClientData, Method, TrainResult, Trainer
+from fedbench.models import FedModel
+from fedbench.plan import Plan, Step
+from fedbench.submodel import build_submodel, load_slices, uploaded
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training details of one published variant of a width method (see the module docstring)."""
+
+    rounding: str = "ceil"
+    scaler: bool = False
+    masked_loss: bool = False
+    label_rows: bool = False
+    clip: float = 0.0
+    sbn: bool = False
+    eval_width: str = "full"   # "full" or "largest"
+
+
+# HeteroFL's training (§2.1-2.3; code: ceil, Scaler, masked CE, label rows, clip 1.0). FedRolex's repository
+# trains HeteroFL, FD and FedRolex this way and evaluates without the sBN pass (§4.2): variant "fedrolex-code".
+HETEROFL_CODE = Recipe(rounding="ceil", scaler=True, masked_loss=True, label_rows=True, clip=1.0)
+# The SLT authors' baselines (§5.7): floor widths, no Scaler, no masked loss, no label rows, no sBN, no clipping.
+SLT = Recipe(rounding="floor")
+
+
+@dataclass(frozen=True)
+class WidthOptions:
+    variant: str = "paper"   # which published version to run; each method lists its variants
+
+
+def classifier(model: FedModel) -> tuple[str, str]:
+    """Parameter names (weight, bias) of the output layer: the head's last ``nn.Linear``."""
+    linears = [n for n, m in model.head.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}.head has no nn.Linear output layer")
+    prefix = ".".join(p for p in ("head", linears[-1]) if p)
+    return f"{prefix}.weight", f"{prefix}.bias"
+
+
+def label_mask(labels: torch.Tensor | None, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Bool [num_classes]: the classes a client holds (all when ``labels`` is None)."""
+    if labels is None:
+        return torch.ones(num_classes, dtype=torch.bool, device=device)
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    mask[labels.to(device)] = True
+    return mask
+
+
+@torch.no_grad()
+def static_bn(model: FedModel, dataset: Dataset, batch_size: int = 500) -> FedModel:
+    """HeteroFL's sBN statistics (§2.3, the code's ``stats()``): a copy of ``model`` whose BN
+    layers track cumulative running statistics (``momentum=None``), filled by one pass over the
+    whole (un-augmented) training set in train mode; evaluated in eval mode it uses them.
+    Returns ``model`` itself when it has no BN layer."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if not any(isinstance(m, norms) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model).train()
+    device = next(model.parameters()).device
+    for m in model.modules():
+        if isinstance(m, norms):
+            m.track_running_stats, m.momentum = True, None
+            m.register_buffer("running_mean", torch.zeros(m.num_features, device=device))
+            m.register_buffer("running_var", torch.ones(m.num_features, device=device))
+            m.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+    for i in range(0, len(dataset.train_y), batch_size):
+        model(normalize(dataset.train_x[i:i + batch_size], dataset))
+    return model
+
+
+class WidthMethod(Method):
+    """Base of the width methods: budget -> width by measurement, plans, Recipe-driven training."""
+
+    Options = WidthOptions
+    budgeted = True
+    recipes: ClassVar[dict[str, Recipe]] = {}
+    policy: ClassVar[str] = ""   # how a width-w client's channels are chosen (shown by ``fedbench profile``)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if self.options.variant not in self.recipes:
+            raise ConfigError("--variant", f"{self.options.variant!r} not allowed for {self.name}; "
+                              f"allowed: {', '.join(self.recipes)}")
+        self.recipe = self.recipes[self.options.variant]
+        self.widths: dict[float, float] = {}
+        self._labels: torch.Tensor | None = None   # label set of the client in local_train (None: profiling)
+
+    # --- the index policy (what the three methods differ in) ----------------------------
+    def indices(self, width: float, rnd: int, client: int, gen: torch.Generator) -> Mapping[str, Sequence[int]]:
+        """Global channel indices per group of a width-``width`` client (default: first-k)."""
+        return first_k(self.ctx.model.full_widths, width, self.recipe.rounding)
+
+    def index_bytes(self, indices: Mapping[str, Sequence[int]]) -> int:
+        """Index overhead sent down with the plan (0: the server keeps or derives the indices)."""
+        return 0
+
+    # --- configuration ------------------------------------------------------------------
+    def width_plan(self, width: float, indices: Mapping[str, Sequence[int]] | None = None) -> Plan:
+        """The plan of a width-``width`` client (first-k indices unless given; all plans of
+        one width share a shape, hence their measured memory)."""
+        if indices is None:
+            indices = first_k(self.ctx.model.full_widths, width, self.recipe.rounding)
+        return Plan.of(indices, rate=width if self.recipe.scaler else 1.0, label=f"w={width:.4g}",
+                       index_bytes=self.index_bytes(indices))
+
+    def fit_width(self, budget: float) -> float:
+        """The largest grid width whose measured memory fits ``budget`` (a fraction; >= 1: full width)."""
+        if budget >= 1:
+            return 1.0
+        memory = self.ctx.profiler.memory_of
+        best = fit_largest(WIDTHS, lambda w: memory(self.width_plan(w)), budget * self.ctx.full_memory)
+        if best is None:
+            raise too_small(budget, memory(self.width_plan(WIDTHS[0])), self.ctx.full_memory,
+                            f"(width {WIDTHS[0]:g})")
+        return best
+
+    def setup(self) -> None:
+        self.widths = {b: self.fit_width(b) for b in sorted(set(self.ctx.budgets))}
+
+    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
+        width = self.widths[self.ctx.budgets[client]]
+        return self.width_plan(width, self.indices(width, rnd, client, gen) if width < 1 else None)
+
+    def schedule(self) -> list[tuple[dict, Plan]]:
+        return [({"budget": b, "note": self.policy}, self.width_plan(w)) for b, w in self.widths.items()]
+
+    # --- local training -----------------------------------------------------------------
+    def loss(self, model: FedModel, x: torch.Tensor, y: torch.Tensor, plan: Plan, step: Step) -> torch.Tensor:
+        logits = model(x, blocks=step.blocks)
+        if self.recipe.masked_loss:
+            keep = label_mask(self._labels, logits.shape[1], logits.device)
+            logits = logits.masked_fill(~keep, 0.0)
+        return F.cross_entropy(logits, y)
+
+    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
+        trainer = super().trainer(model, plan, step, lr)
+        if self.recipe.clip > 0:
+            params = [p for g in trainer.opt.param_groups for p in g["params"]]
+
+            def clip(*_) -> None:
+                nn.utils.clip_grad_norm_(params, self.recipe.clip)
+            trainer.opt.register_step_pre_hook(clip)
+        return trainer
+
+    def local_train(self, model: FedModel, data: ClientData, plan: Plan, lr: float,
+                    gen: torch.Generator) -> TrainResult:
+        self._labels = self.ctx.client_labels[data.client] if self.recipe.masked_loss else None
+        try:
+            return super().local_train(model, data, plan, lr, gen)
+        finally:
+            self._labels = None
+
+    # --- aggregation and evaluation -----------------------------------------------------
+    def add_update(self, agg: MaskedMean, plan: Plan, model: FedModel, data: ClientData) -> None:
+        weight = float(len(data)) if self.config.weighting == "samples" else 1.0
+        update = uploaded(model, plan)
+        masks = None
+        if self.recipe.label_rows:
+            rows = label_mask(self.ctx.client_labels[data.client], self.dataset.num_classes, self.ctx.device)
+            masks = {name: rows.view(-1, *[1] * (update[name].dim() - 1)).expand_as(update[name])
+                     for name in classifier(model) if name in update}
+        agg.add(plan, update, weight, masks)
+
+    def eval_width(self) -> float:
+        return max(self.widths.values()) if self.recipe.eval_width == "largest" else 1.0
+
+    def eval_model(self, global_model: FedModel) -> FedModel:
+        model, width = global_model, self.eval_width()
+        if width < 1:
+            plan = self.width_plan(width)
+            model = build_submodel(self.ctx.build, global_model, plan).to(self.ctx.device)
+            load_slices(model, global_model, plan)
+        return static_bn(model, self.dataset) if self.recipe.sbn else model
+
+    def describe_eval(self) -> str:
+        width = "full-width" if self.eval_width() >= 1 else f"largest client width (w={self.eval_width():.4g})"
+        stats = (", BN layers (if any) with sBN statistics from one pass over the training set" if self.recipe.sbn
+                 else ", BN layers (if any) with test-batch statistics")
+        return f"top-1 accuracy of the {width} global model on the test split{stats}"

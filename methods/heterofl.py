@@ -1,0 +1,44 @@
+"""HeteroFL (Diao, Ding, Tarokh, ICLR 2021, arXiv 2010.01264), methods-width-slt.md §2.
+
+Each client trains the first-k sub-model (ceil(w C) channels of every group, §2.1: nested,
+every narrower model is the top-left corner of a wider one) at the largest width whose
+measured memory fits its budget (``fedbench.width``). Following the paper and its code (§2.2-2.3):
+
+- static BN: BN normalises with batch statistics while training (our models keep no running
+  statistics); before each evaluation the sBN pass runs the whole training set through a copy
+  of the global model in train mode, accumulating cumulative running statistics, and the copy
+  is evaluated in eval mode with them (``width.static_bn``; the code's ``stats()``);
+- the Scaler: ``plan.rate = w`` (client width / global width), identity at evaluation;
+- the masked cross-entropy: logits of classes not in the client's label set are set to 0;
+- classifier rows (weight and bias) averaged only over the clients holding that label;
+- gradient-norm clipping at 1.0 every local step (from the authors' code).
+
+Evaluated at full width. Deviations: the budget is measured training memory, not a preset
+complexity level a-e (§2.4), so widths come from a 1/64 grid; the sBN pass uses un-augmented
+training images in batches of 500; clients are averaged with ``--weighting`` (the code is
+unweighted: identical for iid/shard partitions, whose clients are equal-sized). Only fixed
+client groups per budget (the paper's "fix" mode); its "dynamic" mode is not offered.
+
+Variants (``--variant``): ``paper`` (above); ``fedrolex-code``: HeteroFL as re-run in FedRolex's
+repository (same training, no sBN pass: test-batch statistics); ``slt``: the SLT authors'
+baseline (floor widths, no Scaler, no masked loss, no label rows, no clipping, no sBN pass,
+evaluated at the largest client width, §5.7).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedbench.registry import register_method
+from fedbench.width import HETEROFL_CODE, SLT, WidthMethod
+
+
+@register_method
+class HeteroFL(WidthMethod):
+    name = "heterofl"
+    description = ("first-k channels at the widest width that fits each budget; sBN, Scaler, "
+                   "label-masked loss and label-wise classifier rows; evaluated at full width")
+    paper = ("Diao et al. 2021, HeteroFL: Computation and Communication Efficient Federated Learning "
+             "for Heterogeneous Clients (arXiv 2010.01264)")
+    recipes = {"paper": replace(HETEROFL_CODE, sbn=True), "fedrolex-code": HETEROFL_CODE,
+               "slt": replace(SLT, eval_width="largest")}
+    policy = "first-k channels (nested across widths)"
