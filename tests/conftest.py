@@ -14,6 +14,15 @@ FMNIST_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" 
 needs_fmnist = pytest.mark.skipif(not FMNIST_SRC.is_dir(), reason="original Fashion-MNIST files not available")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread: small CPU kernels gain nothing from two, and two oversubscribe a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SMALL = dict(clients=20, clients_per_round=4, rounds=3, eval_every=1, device="cpu", quiet=True)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fedbench import compare, registry
@@ -32,14 +31,6 @@ MEASURED = ["row", "budget", "seeds", "accuracy_mean", "peak_MB", "peak_of_budge
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one torch thread, as the reference's workers: same numbers, no oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,6 @@ METHODS = ("heterofl", "fedrolex", "fd")
 MIXED = "0.125,0.25,0.5,1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads oversubscribe (~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Records(Observer):
     def __init__(self):
