@@ -78,6 +78,7 @@ def run(ctx: typer.Context,
         lr_schedule: Annotated[Optional[str], typer.Option(help="const or cosine (over rounds).")] = None,
         partition: Annotated[Optional[str], typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = None,
         memory_budget: Budget = None,
+        budget_assignment: Annotated[Optional[str], typer.Option(help="fixed (equal client groups) or per-round (each client's budget drawn from the list every round).")] = None,
         eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N rounds (and after the last).")] = None,
         weighting: Annotated[Optional[str], typer.Option(help="Masked-mean weights: samples or uniform.")] = None,
         client_state: Annotated[Optional[str], typer.Option(help="stateless (everything sent each round) or stateful (only changes) for bytes down.")] = None,
@@ -97,6 +98,7 @@ def run(ctx: typer.Context,
                  clients_per_round=clients_per_round, rounds=rounds, local_epochs=local_epochs,
                  batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                  lr_schedule=lr_schedule, partition=partition, memory_budget=memory_budget,
+                 budget_assignment=budget_assignment,
                  eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
                  seed=seed, out=str(out) if out else None, quiet=quiet or None,
                  checkpoint_every=checkpoint_every, **parse_extra(ctx.args))
@@ -162,7 +164,7 @@ def profile(ctx: typer.Context,
 
 
 RUN_SETTINGS = ("dataset", "data_dir", "model", "clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
-                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "eval_every", "weighting", "client_state",
+                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "budget_assignment", "eval_every", "weighting", "client_state",
                 "device", "checkpoint_every")
 
 

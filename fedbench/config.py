@@ -31,6 +31,7 @@ class RunConfig:
     lr_schedule: str = "const"
     partition: str = "iid"
     memory_budget: tuple[float, ...] = (1.0,)
+    budget_assignment: str = "fixed"      # fixed: equal client groups; per-round: drawn from the list each round
     eval_every: int = 5
     device: str = "auto"
     seed: int = 0
@@ -47,7 +48,7 @@ class RunConfig:
         return {k: v for k, v in d.items() if v is not None}
 
 
-CHOICES = {"lr_schedule": ("const", "cosine"), "device": ("auto", "cpu", "cuda"),
+CHOICES = {"lr_schedule": ("const", "cosine"), "budget_assignment": ("fixed", "per-round"), "device": ("auto", "cpu", "cuda"),
            "weighting": ("samples", "uniform"), "client_state": ("stateless", "stateful")}
 POSITIVE_INT = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
 FIELDS = {f.name for f in fields(RunConfig)} - {"options"}

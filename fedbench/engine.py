@@ -24,7 +24,7 @@ from fedbench.partition import partition
 from fedbench.plan import Plan
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.registry import get_method
-from fedbench.seeding import generator, sample_clients
+from fedbench.seeding import derive, generator, sample_clients
 from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ def resolve_device(name: str) -> torch.device:
 def client_budgets(fractions: tuple[float, ...], clients: int) -> list[float]:
     """Equal groups by client index: client c gets fractions[c * len(fractions) // clients]."""
     return [fractions[c * len(fractions) // clients] for c in range(clients)]
+
+
+def draw_budgets(fractions: tuple[float, ...], clients: int, seed: int, rnd: int) -> list[float]:
+    """FedRolex's "dynamic" capacities: each client's budget drawn uniformly from the list every round."""
+    return [fractions[derive(seed, "budget", rnd, c) % len(fractions)] for c in range(clients)]
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Run:
             o.on_start(self)
         for rnd in range(self.start_round, cfg.rounds):
             t0 = time.perf_counter()
+            if cfg.budget_assignment == "per-round":
+                self.ctx.budgets[:] = draw_budgets(cfg.memory_budget, cfg.clients, cfg.seed, rnd)
             lr = self.lr_at(rnd)
             agg = self.method.aggregator(self.model)
             records = []

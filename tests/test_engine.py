@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from fedbench.checkpoint import Checkpointer, restore
 from fedbench.cli import app
 from fedbench.config import resolve
-from fedbench.engine import client_budgets, prepare
+from fedbench.engine import client_budgets, draw_budgets, prepare
 from fedbench.observers import RunFiles
 from tests.conftest import small_run, timing_free
 
@@ -85,3 +85,23 @@ def test_non_iid_partitions_run(partition):
     run = small_run(partition=partition, rounds=1)
     run.execute()
     assert run.rows[0]["accuracy"] is not None
+
+
+def test_per_round_budget_assignment_redraws_budgets_and_stays_within_them():
+    run = small_run(method="heterofl", memory_budget="0.25,1", budget_assignment="per-round", rounds=3)
+    seen = []
+
+    class Watch:
+        def on_start(self, run): ...
+        def after_round(self, run, row, clients):
+            seen.append({c["client"]: c["budget"] for c in clients})
+        def on_end(self, run, summary): ...
+
+    summary = run.execute([Watch()])
+    assert summary["violations"] == 0
+    by_client: dict[int, set] = {}
+    for r in seen:
+        for c, b in r.items():
+            by_client.setdefault(c, set()).add(b)
+    assert {b for bs in by_client.values() for b in bs} == {0.25, 1.0}
+    assert draw_budgets((0.25, 1.0), 20, 0, 1) != draw_budgets((0.25, 1.0), 20, 0, 2)  # redrawn each round
