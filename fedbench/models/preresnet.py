@@ -27,7 +27,7 @@ from torch import nn
 
 from fedbench.models import register_model
 from fedbench.models.base import FedModel, Scaler
-from fedbench.models.resnet import BLOCKS_PER_STAGE, STAGES, ResNet20, norm, prev_group
+from fedbench.models.resnet import ResNet20, norm, prev_group, resnet_layout
 
 
 def option_a_link(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
@@ -75,16 +75,7 @@ class PreResNet20(FedModel):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  widths: dict[str, int] | None = None, rate: float = 1.0):
-        full = {"stem": STAGES[0]}
-        layout = []  # (input group, block index, stride, projection shortcut), as ResNet20.layout
-        prev = "stem"
-        for s, c in enumerate(STAGES):
-            for j in range(BLOCKS_PER_STAGE):
-                i = s * BLOCKS_PER_STAGE + j
-                full[f"b{i}.mid"] = full[f"b{i}.out"] = c
-                stride = 2 if (s > 0 and j == 0) else 1
-                layout.append((prev, i, stride, stride != 1 or full[prev] != c))
-                prev = f"b{i}.out"
+        full, layout = resnet_layout()
         super().__init__(full, widths)
         self.layout = layout
         self.feature_size = downsampled(downsampled(img_size))
@@ -93,8 +84,8 @@ class PreResNet20(FedModel):
         self.blocks = nn.ModuleList(
             PreActBlock(w[g], w[f"b{i}.mid"], w[f"b{i}.out"], stride, project, rate)
             for g, i, stride, project in layout)
-        self.head = nn.Sequential(norm(w[prev]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(w[prev], num_classes))
+        self.head = nn.Sequential(norm(w[prev_group(layout)]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(w[prev_group(layout)], num_classes))
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)

@@ -52,6 +52,21 @@ class BasicBlock(nn.Module):
         return F.relu(y + skip)
 
 
+def resnet_layout() -> tuple[dict[str, int], list[tuple[str, int, int, bool]]]:
+    """Full group widths and, per block, (input group, block index, stride, projection shortcut)."""
+    full = {"stem": STAGES[0]}
+    layout = []
+    prev = "stem"
+    for s, c in enumerate(STAGES):
+        for j in range(BLOCKS_PER_STAGE):
+            i = s * BLOCKS_PER_STAGE + j
+            full[f"b{i}.mid"] = full[f"b{i}.out"] = c
+            stride = 2 if (s > 0 and j == 0) else 1
+            layout.append((prev, i, stride, stride != 1 or full[prev] != c))
+            prev = f"b{i}.out"
+    return full, layout
+
+
 def prev_group(layout) -> str:
     """The residual-stream group feeding the classifier."""
     return f"b{layout[-1][1]}.out"
@@ -70,16 +85,7 @@ class ResNet20(FedModel):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  widths: dict[str, int] | None = None, rate: float = 1.0):
-        full = {"stem": STAGES[0]}
-        layout = []  # (input group, block index, stride, projection shortcut)
-        prev = "stem"
-        for s, c in enumerate(STAGES):
-            for j in range(BLOCKS_PER_STAGE):
-                i = s * BLOCKS_PER_STAGE + j
-                full[f"b{i}.mid"] = full[f"b{i}.out"] = c
-                stride = 2 if (s > 0 and j == 0) else 1
-                layout.append((prev, i, stride, stride != 1 or full[prev] != c))
-                prev = f"b{i}.out"
+        full, layout = resnet_layout()
         super().__init__(full, widths)
         self.layout = layout
         w = self.widths
@@ -91,7 +97,7 @@ class ResNet20(FedModel):
         side = (img_size - 1) // 4 + 1  # after the two stride-2 stages
         self.pool_positions = (side // self.pool) ** 2 if self.pool else 1
         self.head = nn.Sequential(nn.AvgPool2d(self.pool) if self.pool else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(w[prev] * self.pool_positions, num_classes))
+                                  nn.Linear(w[prev_group(layout)] * self.pool_positions, num_classes))
 
     def param_dims(self):
         dims = {"stem.0.weight": ("stem", None), "stem.2.weight": ("stem",), "stem.2.bias": ("stem",)}
