@@ -78,9 +78,6 @@ class FedModel(nn.Module):
                 layers.setdefault(dims[0], []).append(name)
         return [(g, tuple(names)) for g, names in layers.items()]
 
-    def units(self) -> list[nn.Module]:
-        return [self.stem, *self.blocks, self.head]
-
     # --- forward --------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, blocks: Sequence[int] | None = None) -> torch.Tensor:
         """Stem then the given blocks in order (all by default).
