@@ -83,6 +83,7 @@ def run(ctx: typer.Context,
         weighting: Annotated[Optional[str], typer.Option(help="Masked-mean weights: samples or uniform.")] = None,
         client_state: Annotated[Optional[str], typer.Option(help="stateless (everything sent each round) or stateful (only changes) for bytes down.")] = None,
         device: Device = None, seed: Seed = None,
+        client_batching: Annotated[Optional[str], typer.Option(help="on: clients that share a plan shape train together (vmap; same results within float tolerance); off: one at a time; auto: on on a GPU, off on a CPU.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Run folder (default results/runs/<method>-<timestamp>).")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N rounds (0: only at the end).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (its config.toml).")] = None,
@@ -100,7 +101,7 @@ def run(ctx: typer.Context,
                  lr_schedule=lr_schedule, partition=partition, memory_budget=memory_budget,
                  budget_assignment=budget_assignment,
                  eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
-                 seed=seed, out=str(out) if out else None, quiet=quiet or None,
+                 client_batching=client_batching, seed=seed, out=str(out) if out else None, quiet=quiet or None,
                  checkpoint_every=checkpoint_every, **parse_extra(ctx.args))
     if resume is not None:
         config, flags = resume_config(resume, flags)
@@ -165,7 +166,7 @@ def profile(ctx: typer.Context,
 
 RUN_SETTINGS = ("dataset", "data_dir", "model", "clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
                 "lr", "momentum", "weight_decay", "lr_schedule", "partition", "budget_assignment", "eval_every", "weighting", "client_state",
-                "device", "checkpoint_every")
+                "device", "client_batching", "checkpoint_every")
 
 
 def options_of(command, names: tuple[str, ...]):

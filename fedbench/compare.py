@@ -43,7 +43,7 @@ SUMMARY = "summary.json"
 SELF_SUPERVISED = "self-supervised"
 AXES = ("method", "memory_budget", "seed")
 ALIASES = {"methods": "method", "seeds": "seed"}
-IGNORED = {"out", "quiet", "checkpoint_every", "device", "options"}  # may differ when a cell is continued
+IGNORED = {"out", "quiet", "checkpoint_every", "device", "client_batching", "options"}  # may differ when a cell is continued
 
 PRESETS = Path(__file__).with_name("presets")  # <name>.toml: sweep files shipped with fedbench
 

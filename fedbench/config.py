@@ -38,6 +38,7 @@ class RunConfig:
     weighting: str = "samples"            # masked-mean weights: client samples or uniform
     client_state: str = "stateless"       # stateless: everything re-sent each round; stateful: only what changed
     checkpoint_every: int = 0             # 0: a checkpoint only at the end
+    client_batching: str = "auto"         # on: clients sharing a plan shape train together (vmap); off; auto: on on GPUs
     out: str | None = None
     quiet: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method- and model-specific keys
@@ -49,7 +50,8 @@ class RunConfig:
 
 
 CHOICES = {"lr_schedule": ("const", "cosine"), "budget_assignment": ("fixed", "per-round"), "device": ("auto", "cpu", "cuda"),
-           "weighting": ("samples", "uniform"), "client_state": ("stateless", "stateful")}
+           "weighting": ("samples", "uniform"), "client_state": ("stateless", "stateful"),
+           "client_batching": ("auto", "on", "off")}
 POSITIVE_INT = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
 FIELDS = {f.name for f in fields(RunConfig)} - {"options"}
 

@@ -114,6 +114,13 @@ def normalize(x: torch.Tensor, ds: Dataset) -> torch.Tensor:
     return (x.float().div_(255.0) - mean).div_(std)
 
 
+def train_batch(x: torch.Tensor, ds: Dataset, generator: torch.Generator | None) -> torch.Tensor:
+    """uint8 training batch -> augmented (when the data asks for it and a generator is given), normalised."""
+    if generator is not None and ds.augment:
+        x = augment(x, generator)
+    return normalize(x, ds)
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop after 4-px zero padding plus random horizontal flip, per sample.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fedbench.aggregate import MaskedMean
 from fedbench.config import method_options
-from fedbench.data import Dataset, augment, normalize
+from fedbench.data import Dataset, normalize, train_batch
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.submodel import set_trainable, uploaded
@@ -68,23 +68,24 @@ class Trainer:
 
     def __init__(self, method: "Method", model: FedModel, plan: Plan, step: Step, lr: float):
         self.method, self.model, self.plan, self.step_spec = method, model, plan, step
+        self.client: dict[str, torch.Tensor] = {}   # the client's own tensors for the loss (``client_inputs``)
         cfg = method.config
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def prepare(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        """uint8 batch -> augmented (when the data asks for it and a generator is given), normalised floats."""
-        if gen is not None and self.method.dataset.augment:
-            x = augment(x, gen)
-        return normalize(x, self.method.dataset)
+        return train_batch(x, self.method.dataset, gen)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return self.method.loss(self.model, self.prepare(x, gen), y, self.plan, self.step_spec)
+        return self.method.loss(self.model, self.prepare(x, gen), y, self.plan, self.step_spec, **self.client)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(x, y, gen)
         loss.backward()
+        if self.method.grad_clip > 0:
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.method.grad_clip)
         self.opt.step()
         return loss.detach()
 
@@ -119,6 +120,7 @@ class Method:
     supervised: ClassVar[bool] = True   # False: evaluated by linear probe (the output says so)
     budgeted: ClassVar[bool] = False    # True: the method fits each client's configuration to its budget
     preferred_model: ClassVar[str | None] = None  # used when --model is not given (e.g. the paper's model)
+    grad_clip: float = 0.0              # > 0: clip each local step's gradient norm to this (all trainable tensors)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -157,7 +159,15 @@ class Method:
         return []
 
     # --- local training -----------------------------------------------------------------
+    def client_inputs(self, data: ClientData) -> dict[str, torch.Tensor]:
+        """Tensors of the client's own that ``loss`` receives as keyword arguments (default: none).
+
+        Without them (profiling) ``loss`` must still work: its keyword arguments need defaults.
+        """
+        return {}
+
     def loss(self, model: FedModel, x: torch.Tensor, y: torch.Tensor, plan: Plan, step: Step) -> torch.Tensor:
+        """A pure function of its arguments: clients that share a plan shape may be trained batched."""
         return F.cross_entropy(model(x, blocks=step.blocks), y)
 
     def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
@@ -168,9 +178,11 @@ class Method:
         """Each step of the plan in order, ``local_epochs`` epochs each, mini-batches in a seeded order."""
         cfg = self.config
         total, batches, samples = torch.zeros((), device=data.y.device), 0, []
+        client = self.client_inputs(data)
         for step in plan.steps:
             set_trainable(model, step)
             trainer = self.trainer(model, plan, step, lr)
+            trainer.client = client
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(len(data), generator=gen, device=gen.device).to(data.y.device)
                 for idx in order.split(cfg.batch_size):

@@ -36,7 +36,7 @@ from fedbench.budget import WIDTHS, fit_largest, too_small
 from fedbench.channels import first_k
 from fedbench.data import Dataset, normalize
 from fedbench.errors import ConfigError
-from fedbench.method import ClientData, Method, TrainResult, Trainer
+from fedbench.method import ClientData, Method
 from fedbench.models import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.submodel import build_submodel, load_slices, uploaded
@@ -122,7 +122,7 @@ class WidthMethod(Method):
                               f"allowed: {', '.join(self.recipes)}")
         self.recipe = self.recipes[self.options.variant]
         self.widths: dict[float, float] = {}
-        self._labels: torch.Tensor | None = None   # label set of the client in local_train (None: profiling)
+        self.grad_clip = self.recipe.clip
 
     # --- the index policy (what the three methods differ in) ----------------------------
     def indices(self, width: float, rnd: int, client: int, gen: torch.Generator) -> Mapping[str, Sequence[int]]:
@@ -164,30 +164,18 @@ class WidthMethod(Method):
         return [({"budget": b, "note": self.policy}, self.width_plan(w)) for b, w in self.widths.items()]
 
     # --- local training -----------------------------------------------------------------
-    def loss(self, model: FedModel, x: torch.Tensor, y: torch.Tensor, plan: Plan, step: Step) -> torch.Tensor:
+    def client_inputs(self, data: ClientData) -> dict[str, torch.Tensor]:
+        if not self.recipe.masked_loss:
+            return {}
+        return {"keep": label_mask(self.ctx.client_labels[data.client], self.dataset.num_classes, self.ctx.device)}
+
+    def loss(self, model: FedModel, x: torch.Tensor, y: torch.Tensor, plan: Plan, step: Step,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy; HeteroFL masks the logits of classes the client does not hold (``keep``)."""
         logits = model(x, blocks=step.blocks)
-        if self.recipe.masked_loss:
-            keep = label_mask(self._labels, logits.shape[1], logits.device)
+        if keep is not None:
             logits = logits.masked_fill(~keep, 0.0)
         return F.cross_entropy(logits, y)
-
-    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
-        trainer = super().trainer(model, plan, step, lr)
-        if self.recipe.clip > 0:
-            params = [p for g in trainer.opt.param_groups for p in g["params"]]
-
-            def clip(*_) -> None:
-                nn.utils.clip_grad_norm_(params, self.recipe.clip)
-            trainer.opt.register_step_pre_hook(clip)
-        return trainer
-
-    def local_train(self, model: FedModel, data: ClientData, plan: Plan, lr: float,
-                    gen: torch.Generator) -> TrainResult:
-        self._labels = self.ctx.client_labels[data.client] if self.recipe.masked_loss else None
-        try:
-            return super().local_train(model, data, plan, lr, gen)
-        finally:
-            self._labels = None
 
     # --- aggregation and evaluation -----------------------------------------------------
     def add_update(self, agg: MaskedMean, plan: Plan, model: FedModel, data: ClientData) -> None:
