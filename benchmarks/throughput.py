@@ -1,79 +1,204 @@
-"""Simulation throughput vs centralized training of the same model (issue 2; issue 8's targets).
+"""Simulation speed against plain PyTorch, measured side by side in one process (issue 8's targets).
 
-FedAvg, ResNet-20 on 32x32x3 data, 100 clients x 500 samples, 10 clients per round, batch 32,
-1 local epoch. Prints images/s of the simulation (first and last round excluded: warm-up, evaluation)
-and, in the same process and on the same device, of a plain centralized loop at batch 32 and
-512, with the ratios.
+Workload ``resnet`` (the GPU targets): ResNet-20 on synthetic 3x32x32 data, 100 clients x 500
+samples, 10 clients per round, batch 32, 1 local epoch. Images/s of
+  - fedbench with clients batched (``--client-batching on``) and one at a time (``off``),
+    for FedAvg, HeteroFL with mixed budgets 0.25/0.5/1 (clients grouped by configuration) and SLT
+    at budget 0.25;
+  - a plain one-client-at-a-time PyTorch loop (copy the global model, an SGD optimizer, shuffled
+    mini-batches, weighted average), FedAvg only;
+  - centralized training of the same model at batch 32 and 512.
+Simulation rounds exclude the first (warm-up) and the last (evaluation).
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--rounds 4] [--model resnet20]
+Workload ``cnn`` (the CPU target): FedAvg on Fashion-MNIST (``--data-dir``; the embedded
+fmnist-mini without it) with the small CNN, 100 clients, 10 per round, batch 32, 1 epoch: total
+wall time of ``--rounds`` rounds of fedbench (its defaults on this device) and of the plain loop,
+both evaluating every 5 rounds, with their final accuracies; and the profiler's share of fedbench's
+wall time (memory, FLOPs and bytes accounting, set-up included).
+
+    python benchmarks/throughput.py --workload resnet --device cuda --rounds 5
+    python benchmarks/throughput.py --workload cnn --device cpu --rounds 30 --data-dir ../shared/datasets/fashion-mnist
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 import torch.nn.functional as F
 
 from fedbench.config import resolve
-from fedbench.data import augment, normalize
+from fedbench.data import normalize, train_batch
 from fedbench.engine import prepare
+from fedbench.models import create_model
+from fedbench.profiler import Profiler
+from fedbench.seeding import generator, sample_clients
+
+
+PER_CLIENT = 500  # resnet workload: 50,000 synthetic images over 100 IID clients
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- plain PyTorch ---------------------------------------------------------------------------
+def plain_round(global_model, run, rnd: int) -> int:
+    """One FedAvg round as a plain loop: copy, optimizer, shuffled batches, weighted average."""
+    cfg, ds = run.config, run.dataset
+    states, weights = [], []
+    for client in sample_clients(cfg.seed, rnd, cfg.clients, cfg.clients_per_round):
+        local = copy.deepcopy(global_model).train()
+        opt = torch.optim.SGD(local.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        idx = run.parts[client].to(ds.train_y.device)
+        gen = torch.Generator(device=ds.train_y.device).manual_seed(rnd * 100_003 + client)
+        for batch in idx[torch.randperm(len(idx), generator=gen, device=idx.device)].split(cfg.batch_size):
+            opt.zero_grad()
+            F.cross_entropy(local(train_batch(ds.train_x[batch], ds, gen)), ds.train_y[batch]).backward()
+            opt.step()
+        states.append(local.state_dict())
+        weights.append(len(idx))
+    total = sum(weights)
+    global_model.load_state_dict({k: sum(s[k].float() * w for s, w in zip(states, weights)).div(total).to(v.dtype)
+                                  for k, v in global_model.state_dict().items()})
+    return total
+
+
+@torch.no_grad()
+def accuracy(model, ds) -> float:
+    model.eval()
+    correct = sum(int((model(normalize(ds.test_x[i:i + 500], ds)).argmax(1) == ds.test_y[i:i + 500]).sum())
+                  for i in range(0, len(ds.test_y), 500))
+    model.train()
+    return correct / len(ds.test_y)
+
+
+def plain_model(run):
+    ds = run.dataset
+    torch.manual_seed(run.config.seed)
+    return create_model(run.config.model, num_classes=ds.num_classes, in_chans=ds.in_chans,
+                        img_size=ds.img_size).to(run.ctx.device)
 
 
 def centralized(run, batch: int, steps: int) -> float:
     """Images/s of plain SGD on the full model over the same data (augmentation included)."""
-    ds = run.dataset
-    model = run.ctx.build().to(run.ctx.device).train()
-    cfg = run.config
+    ds, cfg, device = run.dataset, run.config, run.ctx.device
+    model = plain_model(run).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device=run.ctx.device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def step(i: int) -> None:
-        idx = torch.arange(i * batch, (i + 1) * batch, device=ds.train_y.device) % len(ds.train_y)
-        x = normalize(augment(ds.train_x[idx], gen), ds)
+        idx = torch.arange(i * batch, (i + 1) * batch, device=device) % len(ds.train_y)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), ds.train_y[idx]).backward()
+        F.cross_entropy(model(train_batch(ds.train_x[idx], ds, gen)), ds.train_y[idx]).backward()
         opt.step()
 
     step(0)
-    sync(run)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
         step(i)
-    sync(run)
+    sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
 
-def sync(run) -> None:
-    if run.ctx.device.type == "cuda":
-        torch.cuda.synchronize()
+# --- fedbench ----------------------------------------------------------------------------------
+def simulated(settings: dict, batching: str) -> tuple[float, object]:
+    """Images/s of fedbench over the rounds between the first and the last."""
+    run = prepare(resolve({**settings, "client_batching": batching}))
+    run.execute()
+    timed = run.rows[1:-1] or run.rows
+    return sum(r["clients"] for r in timed) * PER_CLIENT / sum(r["wall_s"] for r in timed), run
+
+
+def resnet(args) -> None:
+    base = {"dataset": "synthetic:3x32:50000", "model": "resnet20", "clients": 100, "clients_per_round": 10,
+            "rounds": args.rounds, "batch_size": 32, "local_epochs": 1, "eval_every": 10**6, "device": args.device,
+            "quiet": True}
+    cases = {"fedavg": {"method": "fedavg"},
+             "heterofl, budgets 0.25/0.5/1": {"method": "heterofl", "memory_budget": (0.25, 0.5, 1.0)},
+             "slt, budget 0.25": {"method": "slt", "memory_budget": (0.25,)}}
+    lines, fedavg = [], None
+    for name, case in cases.items():
+        on, run = simulated({**base, **case}, "on")
+        off, _ = simulated({**base, **case}, "off")
+        lines.append((name, on, off))
+        fedavg = fedavg or (on, run)
+    on, run = fedavg
+    device = run.ctx.device
+    model = plain_model(run)
+    plain_round(model, run, 0)  # warm-up
+    sync(device)
+    t0, samples = time.perf_counter(), 0
+    for rnd in range(1, args.rounds - 1):
+        samples += plain_round(model, run, rnd)
+    sync(device)
+    plain = samples / (time.perf_counter() - t0)
+    steps = max(50, args.rounds * 5000 // 32 // 4)
+    c32, c512 = centralized(run, 32, steps), centralized(run, 512, max(8, steps // 16))
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), ResNet-20, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.rounds} rounds")
+    print(f"{'images/s':<34}{'batched':>10}{'one at a time':>15}{'ratio':>8}{'/ central 512':>15}")
+    for name, b, o in lines:
+        print(f"{name:<34}{b:>10.0f}{o:>15.0f}{b / o:>8.2f}{b / c512:>15.3f}")
+    print(f"plain one-client-at-a-time loop, FedAvg: {plain:9.0f} images/s")
+    print(f"centralized batch 32:                    {c32:9.0f} images/s")
+    print(f"centralized batch 512:                   {c512:9.0f} images/s")
+    print(f"FedAvg batched / centralized batch 512:  {on / c512:.3f}  (target >= 0.5)")
+    print(f"FedAvg batched / plain loop:             {on / plain:.2f}  (target >= 5)")
+
+
+def cnn(args) -> None:
+    settings = {"method": "fedavg", "dataset": "fashion-mnist" if args.data_dir else "fmnist-mini",
+                "data_dir": args.data_dir, "model": "cnn", "clients": 100, "clients_per_round": 10,
+                "rounds": args.rounds, "batch_size": 32, "local_epochs": 1, "eval_every": 5, "device": args.device,
+                "quiet": True}
+    spent = [0.0, 0]  # seconds inside the profiler (outermost calls), nesting depth
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            spent[1] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[1] -= 1
+                if not spent[1]:
+                    spent[0] += time.perf_counter() - t0
+        return wrapper
+    for name in ("memory_of", "measure", "train_flops", "bytes_of"):
+        setattr(Profiler, name, timed(getattr(Profiler, name)))
+    t0 = time.perf_counter()
+    run = prepare(resolve(settings))
+    run.execute()
+    ours = time.perf_counter() - t0
+    ds = run.dataset
+    model = plain_model(run)
+    t0 = time.perf_counter()
+    for rnd in range(args.rounds):
+        plain_round(model, run, rnd)
+        if (rnd + 1) % 5 == 0 or rnd + 1 == args.rounds:
+            plain_acc = accuracy(model, ds)
+    plain = time.perf_counter() - t0
+    print(f"device {run.ctx.device}, cnn on {settings['dataset']}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {args.rounds} rounds, client batching "
+          f"{'on' if run.config.client_batching == 'on' or run.ctx.device.type == 'cuda' else 'off'} (auto)")
+    print(f"fedbench:   {ours:7.1f} s (set-up included), final accuracy {run.rows[-1]['accuracy']:.4f}")
+    print(f"plain loop: {plain:7.1f} s, final accuracy {plain_acc:.4f}")
+    print(f"fedbench / plain loop wall time: {ours / plain:.3f}  (target <= 0.67)")
+    print(f"profiler share of fedbench's wall time: {spent[0] / ours:.3%}  (target <= 5%)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=("resnet", "cnn"), default="resnet")
     p.add_argument("--device", default="auto")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--data-dir", default=None, help="cnn: the Fashion-MNIST files (default: embedded fmnist-mini)")
     args = p.parse_args()
-    cfg = resolve({"method": "fedavg", "dataset": "synthetic:3x32:50000", "model": args.model, "clients": 100,
-                   "clients_per_round": 10, "rounds": args.rounds, "batch_size": 32, "local_epochs": 1,
-                   "eval_every": 10**6, "device": args.device, "quiet": True})
-    t0 = time.perf_counter()
-    run = prepare(cfg)
-    setup = time.perf_counter() - t0
-    run.execute()
-    timed = run.rows[1:-1] or run.rows  # the first round warms up, the last one also evaluates
-    samples = sum(r["clients"] for r in timed) * 500
-    sim = samples / sum(r["wall_s"] for r in timed)
-    steps = max(20, samples // 32 // 4)
-    c32, c512 = centralized(run, 32, steps), centralized(run, 512, max(4, steps // 16))
-    print(f"device {run.ctx.device}, model {args.model}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"setup (data, partition, profiler measurements): {setup:.1f} s")
-    print(f"simulation (FedAvg, 10 clients x 500 samples per round, batch 32): {sim:9.1f} images/s")
-    print(f"centralized, batch 32:                                         {c32:9.1f} images/s")
-    print(f"centralized, batch 512:                                        {c512:9.1f} images/s")
-    print(f"ratio simulation / centralized batch 32:  {sim / c32:.3f}")
-    print(f"ratio simulation / centralized batch 512: {sim / c512:.3f}")
+    (resnet if args.workload == "resnet" else cnn)(args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedbench.config import (FIELDS, RunConfig, load_toml, method_options, model_kwargs, parse_budget, resolve,
+from fedbench.config import (EXECUTION, FIELDS, RunConfig, load_toml, method_options, model_kwargs, parse_budget, resolve,
                              with_model)
 from fedbench.errors import ConfigError
 from fedbench.registry import get_method, list_methods
@@ -43,7 +43,7 @@ SUMMARY = "summary.json"
 SELF_SUPERVISED = "self-supervised"
 AXES = ("method", "memory_budget", "seed")
 ALIASES = {"methods": "method", "seeds": "seed"}
-IGNORED = {"out", "quiet", "checkpoint_every", "device", "client_batching", "options"}  # may differ when a cell is continued
+IGNORED = EXECUTION | {"options"}  # may differ when a cell is continued
 
 PRESETS = Path(__file__).with_name("presets")  # <name>.toml: sweep files shipped with fedbench
 

@@ -54,6 +54,9 @@ CHOICES = {"lr_schedule": ("const", "cosine"), "budget_assignment": ("fixed", "p
            "client_batching": ("auto", "on", "off")}
 POSITIVE_INT = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
 FIELDS = {f.name for f in fields(RunConfig)} - {"options"}
+# How a run executes, not what it computes (results equal within float tolerance): may differ between the
+# runs of one table and when a run is continued.
+EXECUTION = {"out", "quiet", "checkpoint_every", "device", "client_batching"}
 
 
 def flag(key: str) -> str:

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.config import FIELDS, load_toml
+from fedbench.config import EXECUTION, FIELDS, load_toml
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
 from fedbench.plan import Plan
@@ -73,7 +73,7 @@ def fmt(v) -> str:
 
 # --- comparison of finished runs (fedbench compare / report) ------------------------------------
 RUN_MARKERS = ("config.toml", "summary.json", "rounds.csv", "failed.json")
-NOT_SETTINGS = {"method", "seed", "memory_budget", "out", "quiet", "checkpoint_every", "device"}
+NOT_SETTINGS = {"method", "seed", "memory_budget"} | EXECUTION
 SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "violations", "peak_max_bytes",
                 "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
 CELL_KEYS = ["row", "supervised", "budget"]
