@@ -118,15 +118,9 @@ def resnet(args) -> None:
             "rounds": args.rounds, "batch_size": 32, "local_epochs": 1, "eval_every": 10**6, "device": args.device,
             "quiet": True}
     cases = {"fedavg": {"method": "fedavg"},
-             "heterofl, budgets 0.25/0.5/1": {"method": "heterofl", "memory_budget": (0.25, 0.5, 1.0)},
-             "slt, budget 0.25": {"method": "slt", "memory_budget": (0.25,)}}
-    lines, fedavg = [], None
-    for name, case in cases.items():
-        on, run = simulated({**base, **case}, "on")
-        off, _ = simulated({**base, **case}, "off")
-        lines.append((name, on, off))
-        fedavg = fedavg or (on, run)
-    on, run = fedavg
+             "heterofl": {"method": "heterofl", "memory_budget": (0.25, 0.5, 1.0)},
+             "slt": {"method": "slt", "memory_budget": (0.25,)}}
+    on, run = simulated({**base, **cases["fedavg"]}, "on")
     device = run.ctx.device
     model = plain_model(run)
     plain_round(model, run, 0)  # warm-up
@@ -140,14 +134,16 @@ def resnet(args) -> None:
     c32, c512 = centralized(run, 32, steps), centralized(run, 512, max(8, steps // 16))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), ResNet-20, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print(f"{'images/s':<34}{'batched':>10}{'one at a time':>15}{'ratio':>8}{'/ central 512':>15}")
-    for name, b, o in lines:
-        print(f"{name:<34}{b:>10.0f}{o:>15.0f}{b / o:>8.2f}{b / c512:>15.3f}")
     print(f"plain one-client-at-a-time loop, FedAvg: {plain:9.0f} images/s")
     print(f"centralized batch 32:                    {c32:9.0f} images/s")
     print(f"centralized batch 512:                   {c512:9.0f} images/s")
     print(f"FedAvg batched / centralized batch 512:  {on / c512:.3f}  (target >= 0.5)")
     print(f"FedAvg batched / plain loop:             {on / plain:.2f}  (target >= 5)")
+    print(f"{'images/s':<10}{'batched':>10}{'one at a time':>15}{'ratio':>8}{'/ central 512':>15}{'/ plain':>9}")
+    for name in args.cases.split(","):
+        b = on if name == "fedavg" else simulated({**base, **cases[name]}, "on")[0]
+        o = simulated({**base, **cases[name]}, "off")[0]
+        print(f"{name:<10}{b:>10.0f}{o:>15.0f}{b / o:>8.2f}{b / c512:>15.3f}{b / plain:>9.2f}", flush=True)
 
 
 def cnn(args) -> None:
@@ -168,7 +164,7 @@ def cnn(args) -> None:
                 if not spent[1]:
                     spent[0] += time.perf_counter() - t0
         return wrapper
-    for name in ("memory_of", "measure", "train_flops", "bytes_of"):
+    for name in ("memory_of", "measure", "train_flops", "bytes_of"):  # forward_macs (fvcore) is in the summary
         setattr(Profiler, name, timed(getattr(Profiler, name)))
     t0 = time.perf_counter()
     run = prepare(resolve(settings))
@@ -196,6 +192,8 @@ def main() -> None:
     p.add_argument("--workload", choices=("resnet", "cnn"), default="resnet")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cases", default="fedavg,heterofl,slt",
+                   help="resnet: fedavg, heterofl (budgets 0.25/0.5/1, clients grouped by width), slt (budget 0.25)")
     p.add_argument("--data-dir", default=None, help="cnn: the Fashion-MNIST files (default: embedded fmnist-mini)")
     args = p.parse_args()
     (resnet if args.workload == "resnet" else cnn)(args)

@@ -69,6 +69,8 @@ def train_group(method: Method, model: FedModel, plan: Plan, states: Sequence[St
     inputs = [method.client_inputs(d) for d in datas]
     client = {key: torch.stack([c[key] for c in inputs]) for key in inputs[0]}
     params = [n for n, _ in model.named_parameters()]
+    pooled_x, pooled_y = torch.cat([d.x for d in datas]), torch.cat([d.y for d in datas])  # one gather per step
+    offsets = [0, *torch.tensor([len(d) for d in datas]).cumsum(0).tolist()[:-1]]
     loss_sum = torch.zeros(k, device=device)
     batches = [0] * k
     samples = []
@@ -91,8 +93,9 @@ def train_group(method: Method, model: FedModel, plan: Plan, states: Sequence[St
                     if j < len(o):
                         by_size.setdefault(len(o[j]), []).append(i)
                 for members in by_size.values():
-                    x = torch.stack([train_batch(datas[i].x[orders[i][j]], method.dataset, gens[i]) for i in members])
-                    y = torch.stack([datas[i].y[orders[i][j]] for i in members])
+                    rows = torch.cat([orders[i][j] + offsets[i] for i in members])
+                    x = train_batch(pooled_x[rows], method.dataset, [gens[i] for i in members])
+                    x, y = x.unflatten(0, (len(members), -1)), pooled_y[rows].view(len(members), -1)
                     losses = sgd_step(stacked, momentum, trained, grad_fn, members, k, x, y, client, lr, method, cfg)
                     loss_sum.index_add_(0, torch.tensor(members, device=device), losses.detach())
                     for i in members:
@@ -105,7 +108,7 @@ def train_group(method: Method, model: FedModel, plan: Plan, states: Sequence[St
 
 def sgd_step(stacked: State, momentum: State, trained: list[str], grad_fn, members: list[int], k: int,
              x: torch.Tensor, y: torch.Tensor, client: State, lr: float, method: Method, cfg) -> torch.Tensor:
-    """One step of ``members``: torch.optim.SGD's update (weight decay, momentum, no dampening), per client.
+    """One step of ``members``: torch.optim.SGD's foreach update (weight decay, momentum, no dampening), per client.
 
     With every client present the stacked tensors are used (BatchNorm's running statistics update
     in place); otherwise the members' rows are gathered and written back.
@@ -120,19 +123,22 @@ def sgd_step(stacked: State, momentum: State, trained: list[str], grad_fn, membe
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
         coef = (method.grad_clip / (norms + 1e-6)).clamp(max=1.0)
         grads = {n: g * coef.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
-    for n in trained:
-        p, g = train[n], grads[n]
-        if cfg.weight_decay:
-            g = g.add(p, alpha=cfg.weight_decay)
-        if cfg.momentum:
-            buf = take(momentum[n]).mul_(cfg.momentum).add_(g)
-            g = buf
-            if not whole:
+    params, grads = [train[n] for n in trained], [grads[n] for n in trained]
+    if cfg.weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+    if cfg.momentum:
+        bufs = [take(momentum[n]) for n in trained]
+        torch._foreach_mul_(bufs, cfg.momentum)
+        torch._foreach_add_(bufs, grads)
+        grads = bufs
+        if not whole:
+            for n, buf in zip(trained, bufs):
                 momentum[n].index_copy_(0, rows, buf)
-        if whole:
-            stacked[n].add_(g, alpha=-lr)
-        else:
-            stacked[n].index_copy_(0, rows, p.add(g, alpha=-lr))
+    if whole:
+        torch._foreach_add_(params, grads, alpha=-lr)
+    else:
+        for n, new in zip(trained, torch._foreach_add(params, grads, alpha=-lr)):
+            stacked[n].index_copy_(0, rows, new)
     if not whole:
         for n, t in rest.items():  # buffers the members updated (BatchNorm statistics); frozen tensors
             stacked[n].index_copy_(0, rows, t)

@@ -33,6 +33,7 @@ import io
 import logging
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.error import URLError
@@ -114,22 +115,31 @@ def normalize(x: torch.Tensor, ds: Dataset) -> torch.Tensor:
     return (x.float().div_(255.0) - mean).div_(std)
 
 
-def train_batch(x: torch.Tensor, ds: Dataset, generator: torch.Generator | None) -> torch.Tensor:
-    """uint8 training batch -> augmented (when the data asks for it and a generator is given), normalised."""
+def train_batch(x: torch.Tensor, ds: Dataset,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """uint8 training batch -> augmented (when the data asks for it and a generator is given), normalised.
+
+    With a list of generators, ``x`` is that many equal chunks (clients trained together), each
+    augmented with draws from its own generator, exactly as each chunk alone would be.
+    """
     if generator is not None and ds.augment:
-        x = augment(x, generator)
+        gens = [generator] if isinstance(generator, torch.Generator) else generator
+        b = x.shape[0] // len(gens)
+        draws = [augment_draws(b, g, x.device) for g in gens]
+        x = _crop_flip(x, *(torch.cat(d) for d in zip(*draws)))
     return normalize(x, ds)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after 4-px zero padding plus random horizontal flip, per sample.
+    """Random crop after 4-px zero padding plus random horizontal flip, per sample (vectorised)."""
+    return _crop_flip(x, *augment_draws(x.shape[0], generator, x.device))
 
-    Vectorised over the batch; all randomness comes from ``generator`` (on ``x.device``).
-    """
-    b = x.shape[0]
-    offsets = torch.randint(0, 2 * CROP_PAD + 1, (2, b), generator=generator, device=x.device)
-    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
-    return _crop_flip(x, offsets[0], offsets[1], flip)
+
+def augment_draws(b: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The random (top, left, flip) of ``augment`` for ``b`` samples, all from ``generator`` (on ``device``)."""
+    offsets = torch.randint(0, 2 * CROP_PAD + 1, (2, b), generator=generator, device=device)
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    return offsets[0], offsets[1], flip
 
 
 def _crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
