@@ -33,7 +33,7 @@ from fedbench.data import normalize, train_batch
 from fedbench.engine import prepare
 from fedbench.models import create_model
 from fedbench.profiler import Profiler
-from fedbench.seeding import generator, sample_clients
+from fedbench.seeding import sample_clients
 
 
 PER_CLIENT = 500  # resnet workload: 50,000 synthetic images over 100 IID clients

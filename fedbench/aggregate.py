@@ -5,7 +5,7 @@ elements no client held keep their value. With full plans this is exactly FedAvg
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -45,6 +45,26 @@ class MaskedMean:
             else:
                 self.sum[name][ix] += w * u
                 self.weight[name][ix] += w
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], None]) -> None:
+        """Sum the sums and weights of every process in place (``reduce`` all-reduces one flat tensor).
+
+        Every process contributes every tensor (zeros where it added nothing); tensors no process
+        added to stay out of the result, as in a one-process round.
+        """
+        names = list(self.params)
+        for n in names:
+            if n not in self.sum:
+                self.sum[n] = torch.zeros_like(self.params[n])
+                self.weight[n] = torch.zeros_like(self.params[n])
+        parts = [t for n in names for t in (self.sum[n], self.weight[n])]
+        flat = torch.cat([t.detach().flatten() for t in parts])
+        reduce(flat)
+        for t, chunk in zip(parts, flat.split([t.numel() for t in parts])):
+            t.copy_(chunk.view_as(t))
+        for n in names:
+            if not self.weight[n].any():
+                del self.sum[n], self.weight[n]
 
     def result(self) -> dict[str, torch.Tensor]:
         """New values of every tensor any client sent; held-by-none elements keep their value."""

@@ -92,6 +92,7 @@ def run(ctx: typer.Context,
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json."""
     from fedbench.checkpoint import Checkpointer, restore
     from fedbench.config import resolve
+    from fedbench.distributed import from_env
     from fedbench.engine import prepare
     from fedbench.observers import Live, RunFiles
 
@@ -106,17 +107,20 @@ def run(ctx: typer.Context,
     if resume is not None:
         config, flags = resume_config(resume, flags)
     cfg = resolve(flags, config)
-    runner = prepare(cfg)
+    group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
+    runner = prepare(cfg, group=group)
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     if resume is not None:
         restore(runner, folder)
-    observers = [RunFiles(folder), Checkpointer(folder, cfg.checkpoint_every)] + ([] if cfg.quiet else [Live(err)])
+    main = group is None or group.main
+    observers = ([RunFiles(folder), Checkpointer(folder, cfg.checkpoint_every)] if main else []) + \
+        ([] if cfg.quiet or not main else [Live(err)])
     try:
         runner.execute(observers)
     except KeyboardInterrupt:
         err.print(f"interrupted after {len(runner.rows)} rounds; finished rounds are in {folder}")
         raise typer.Exit(130) from None
-    if not cfg.quiet:
+    if not cfg.quiet and main:
         err.print(f"results: {folder}")
 
 
@@ -199,16 +203,22 @@ def compare(ctx: typer.Context,
             **settings) -> None:
     """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
     from fedbench.compare import check_cells, grid, load_sweep, sweep
+    from fedbench.distributed import from_env
 
     flags = settings | parse_extra(ctx.args) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
                                                     out=str(out) if out else None, jobs=jobs)
     todo = grid(load_sweep(flags, config, preset))
-    err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already finished")
+    group = from_env()  # under torchrun: the processes share the cells; the first one reports
+    if group is None or group.main:
+        err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
+                  f"finished" + (f"; {group.size} processes share the rest" if group else ""))
     try:
-        sweep(todo, print_outcome)
+        sweep(todo, print_outcome, group)
     except KeyboardInterrupt:
         err.print("interrupted; finished cells are kept: rerun the same command to continue")
         raise typer.Exit(130) from None
+    if group is not None and not group.main:
+        return
     comparison = show_comparison(todo.root)
     failures = check_cells(todo.cells, comparison.runs) if check else []
     for line in failures:

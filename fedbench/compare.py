@@ -38,6 +38,8 @@ from fedbench.registry import get_method, list_methods
 if TYPE_CHECKING:
     import pandas as pd
 
+    from fedbench.distributed import Group
+
 FAILED = "failed.json"
 SUMMARY = "summary.json"
 SELF_SUPERVISED = "self-supervised"
@@ -257,16 +259,21 @@ def limit_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def sweep(grid: Grid, report: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+def sweep(grid: Grid, report: Callable[[Outcome], None] = lambda o: None, group: "Group | None" = None) -> list[Outcome]:
     """Run the incomplete cells, ``grid.jobs`` at a time in spawned processes (1: in turn, in this process).
 
     With one GPU, cells take turns on it unless ``jobs`` > 1 is asked for; then they share it.
+    Under torchrun (``group``) each process takes every size-th incomplete cell, then all wait for all.
     """
     todo = [c for c in grid.cells if not c.complete()]
+    if group is not None:
+        todo = todo[group.rank::group.size]
     outcomes = []
     for outcome in (run_in_turn(todo) if grid.jobs == 1 else run_parallel(todo, grid.jobs)):
         report(outcome)
         outcomes.append(outcome)
+    if group is not None:
+        group.barrier()
     return outcomes
 
 

@@ -18,6 +18,7 @@ import torch
 from fedbench import batched
 from fedbench.config import RunConfig, model_kwargs, with_model
 from fedbench.data import Dataset, load_dataset, placeholder
+from fedbench.distributed import Group
 from fedbench.errors import ConfigError
 from fedbench.method import ClientData, Context, Method
 from fedbench.models import FedModel, create_model
@@ -74,6 +75,7 @@ class Run:
     start_round: int = 0
     rows: list[dict] = field(default_factory=list)
     traffic: Traffic | None = None
+    group: Group | None = None         # torchrun processes sharing each round's clients (None: this one alone)
     _submodels: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class Run:
             lr = self.lr_at(rnd)
             agg = self.method.aggregator(self.model)
             records = self.train_round(rnd, lr, agg, traffic)
+            if self.group is not None:
+                records = self.merge(agg, records)
             traffic.commit(agg.apply(), rnd)
             evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
             metrics = self.method.evaluate(self.model) if evaluate else {}
@@ -137,7 +141,10 @@ class Run:
         """
         cfg = self.config
         work = []
-        for client in sample_clients(cfg.seed, rnd, cfg.clients, cfg.clients_per_round):         # 1. sample
+        clients = sample_clients(cfg.seed, rnd, cfg.clients, cfg.clients_per_round)
+        if self.group is not None:
+            clients = self.group.share(clients, [len(self.parts[c]) for c in clients])
+        for client in clients:                                                                     # 1. sample
             gen = generator(cfg.seed, "client", rnd, client, device=self.ctx.device)
             work.append((client, gen, self.method.plan(rnd, client, gen)))                        # 2. plan
         groups: dict[tuple, list[tuple]] = {}
@@ -167,6 +174,16 @@ class Run:
                 self.method.add_update(agg, plan, model, data)                                     # 5. aggregate
                 records.append(self.measure(rnd, client, plan, model, result, traffic))            # 6. measure
         return sorted(records, key=lambda r: r["client"])
+
+    def merge(self, agg, records: list[dict]) -> list[dict]:
+        """All processes' round: summed masked sums, every client's record, stateful clients' holdings."""
+        agg.all_reduce(self.group.all_reduce)
+        held = self.traffic.held
+        merged = []
+        for part, holdings in self.group.gather((records, {r["client"]: held.get(r["client"]) for r in records})):
+            merged += part
+            held.update({c: h for c, h in holdings.items() if h is not None})
+        return sorted(merged, key=lambda r: r["client"])
 
     def measure(self, rnd: int, client: int, plan: Plan, model: FedModel, result, traffic: "Traffic") -> dict:
         budget = self.ctx.budgets[client]
@@ -238,9 +255,10 @@ class Run:
         }
 
 
-def prepare(cfg: RunConfig, shapes_only: bool = False) -> Run:
+def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = None) -> Run:
     """Load, partition, build and measure; raises ConfigError on bad input, writes nothing.
 
+    ``group``: the torchrun processes that share each round's clients (see ``fedbench.distributed``).
     ``shapes_only`` (for ``fedbench profile``): only the data's shape matters, so a dataset
     whose files are missing is replaced by a stand-in of its shape, and nothing is partitioned.
     """
@@ -258,6 +276,10 @@ def prepare(cfg: RunConfig, shapes_only: bool = False) -> Run:
                     img_size=dataset.img_size, **model_kwargs(cfg))
     torch.manual_seed(cfg.seed)  # model initialisation only; the round loop uses derived generators
     method_cls = get_method(cfg.method)
+    if group is not None and method_cls.state_dict is not Method.state_dict:
+        raise ConfigError("--nproc-per-node", f"{cfg.method} keeps state of its own between rounds (per-client "
+                                              "models), held where a client trains: run it in one process; a sweep "
+                                              "under torchrun (fedbench compare) runs its cells one process each")
     model = method_cls.build_global(build).to(device)
     holder: dict[str, Method] = {}
     profiler = Profiler(
@@ -271,4 +293,4 @@ def prepare(cfg: RunConfig, shapes_only: bool = False) -> Run:
     method = holder["method"] = method_cls(ctx)
     ctx.full_memory = profiler.memory_of(method.full_plan())
     method.setup()
-    return Run(cfg, dataset, parts, model, method, profiler, ctx)
+    return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group)

@@ -1,0 +1,98 @@
+"""One simulation and one sweep over torchrun processes (gloo, CPU) equal the one-process run (issue 9)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedbench.aggregate import MaskedMean
+from fedbench.channels import first_k
+from fedbench.config import resolve
+from fedbench.distributed import Group
+from fedbench.engine import prepare
+from fedbench.errors import ConfigError
+from fedbench.models import create_model
+from fedbench.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--clients", "12", "--clients-per-round", "5", "--rounds", "2", "--eval-every", "1", "--device", "cpu",
+          "--partition", "dirichlet:0.5", "--quiet"]
+CASES = {
+    "fedavg": ["--method", "fedavg"],
+    "heterofl-mixed": ["--method", "heterofl", "--memory-budget", "0.25,1"],
+    "slt": ["--method", "slt", "--memory-budget", "0.5", "--model", "resnet20", "--dataset", "synthetic:3x32:600"],
+}
+
+
+def fedbench(args: list[str], nproc: int = 1) -> None:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+              if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*launch, "-m", "fedbench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_share_is_a_balanced_partition_of_the_round():
+    clients, samples = [3, 8, 11, 20, 42, 57, 70], [500, 20, 300, 280, 40, 220, 10]
+    shares = [Group(r, 3).share(clients, samples) for r in range(3)]
+    assert sorted(c for s in shares for c in s) == clients
+    loads = [sum(samples[clients.index(c)] for c in s) for s in shares]
+    assert max(loads) - min(loads) <= max(samples)
+    assert shares == [Group(r, 3).share(clients, samples) for r in range(3)]  # deterministic
+
+
+def test_all_reduced_masked_sums_equal_one_process():
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    half = Plan.of(first_k(model.full_widths, 0.5))
+    updates = [(Plan(), {n: torch.randn_like(p) for n, p in model.named_parameters()}, 3.0),
+               (half, {n: torch.randn_like(p) for n, p in create_model(
+                   "cnn", num_classes=10, in_chans=1, img_size=28, widths=half.widths(model.full_widths)
+               ).named_parameters()}, 1.0)]
+    alone = MaskedMean(model)
+    for plan, u, w in updates:
+        alone.add(plan, u, w)
+    parts = [MaskedMean(model), MaskedMean(model), MaskedMean(model)]  # the third process trained nobody
+    for part, (plan, u, w) in zip(parts, updates):
+        part.add(plan, u, w)
+    flats = []
+    for part in parts:  # an all-reduce: every process ends with the sum of all
+        part.all_reduce(flats.append)
+    total = sum(flats)
+    for part in parts:
+        part.all_reduce(lambda flat: flat.copy_(total))
+        result = part.result()
+        assert result.keys() == alone.result().keys()
+        for name, value in alone.result().items():
+            torch.testing.assert_close(result[name], value)
+
+
+def test_methods_with_state_of_their_own_are_refused_across_processes():
+    with pytest.raises(ConfigError, match="one process"):
+        prepare(resolve({"method": "fedepth", "device": "cpu", "quiet": True}), group=Group(0, 2))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_equal_one(case, tmp_path):
+    for nproc in (1, 2):
+        fedbench(["run", *CASES[case], *COMMON, "--out", str(tmp_path / f"p{nproc}")], nproc)
+    one, two = (pd.read_csv(tmp_path / f"p{n}" / "rounds.csv") for n in (1, 2))
+    assert one["accuracy"].tolist() == pytest.approx(two["accuracy"].tolist(), abs=2e-3)
+    clients = [pd.read_csv(tmp_path / f"p{n}" / "clients.csv") for n in (1, 2)]
+    for key in ("client", "peak_bytes", "train_flops", "bytes_down", "bytes_up", "samples"):
+        assert clients[0][key].tolist() == clients[1][key].tolist(), key  # measured on whichever process trained it
+
+
+def test_sweep_over_two_processes_gives_the_same_table(tmp_path):
+    grid = ["compare", "--methods", "fedavg,small", "--memory-budget", "0.5,1", "--seeds", "0", "--clients", "20",
+            "--clients-per-round", "2", "--rounds", "2", "--eval-every", "2", "--device", "cpu"]
+    for nproc in (1, 2):
+        fedbench([*grid, "--out", str(tmp_path / f"p{nproc}")], nproc)
+    one, two = (pd.read_csv(tmp_path / f"p{n}" / "report" / "accuracy.csv") for n in (1, 2))
+    pd.testing.assert_frame_equal(one, two)
