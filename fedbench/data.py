@@ -304,12 +304,19 @@ def _torchvision_splits(name: str, root: Path, cls: type, files: str) -> tuple:
     """Both splits of a torchvision dataset; a failed download becomes one ConfigError line."""
     log.info("loading %s from %s (downloading if missing)", name, root)
     chatter = io.StringIO()  # torchvision prints download attempts to stdout
+    top = root  # the highest folder a download may create, and what is under it now
+    while not top.parent.exists():
+        top = top.parent
+    existed = {top, *top.rglob("*")} if top.exists() else set()
     try:
         with contextlib.redirect_stdout(chatter):
             return cls(root=str(root), train=True, download=True), cls(root=str(root), train=False, download=True)
     except (URLError, RuntimeError, OSError) as exc:
         lines = str(getattr(exc, "reason", exc)).strip().splitlines()
         reason = (lines[-1] if lines else type(exc).__name__)[:120]  # torchvision puts the cause last
+        for folder in sorted((p for p in [top, *top.rglob("*")] if p not in existed and p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):  # the empty folders the failed download made; nothing else
+                folder.rmdir()
         raise ConfigError(
             "--data-dir",
             f"{name} not found under {root} and the download failed ({reason}); "

@@ -122,6 +122,20 @@ def test_offline_missing_cifar_is_one_config_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "mine").mkdir()
+    for root in (tmp_path / "new" / "data", tmp_path):
+        with pytest.raises(ConfigError, match="network is unreachable"):
+            load_dataset("cifar10", root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # what was there stays
+
+
 # ----------------------------------------------------------------------------- batch transforms
 
 
