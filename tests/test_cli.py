@@ -31,6 +31,7 @@ def invoke(args, tmp_path):
     (["run", "--clients", "5000"], "--partition", "5000"),
     (["run", "--lr-schedule", "step"], "--lr-schedule", "cosine"),
     (["run", "--device", "tpu"], "--device", "auto, cpu, cuda"),
+    (["run", "--client-batching", "yes"], "--client-batching", "auto, on, off"),
     (["run", "--bogus-option", "3"], "--bogus-option", "allowed"),
     (["run", "--method", "small", "--memory-budget", "0.0001"], "--memory-budget", "allowed: budgets >="),
 ])
