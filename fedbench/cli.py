@@ -16,8 +16,9 @@ from fedbench.errors import ConfigError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Benchmark memory-constrained federated-learning methods on one simulation engine.")
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI) gets wide tables instead of rich's 80 columns, which would truncate their cells.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
