@@ -146,3 +146,17 @@ def test_cli_profile_shows_one_fitting_width_per_budget(tmp_path):
     assert rows["budget"].tolist() == [0.125, 0.25, 0.5, 1.0]
     assert rows["fits"].all() and (rows["of_full"] <= rows["budget"]).all()
     assert rows["config"].str.startswith("w=").all() and rows["MB_up"].is_monotonic_increasing
+
+
+def test_preresnet18_is_heterofls_model_and_trains_sliced():
+    """HeteroFL's PreResNet-18 (reference §2.3/§2.5): 11.2M parameters, sBN (no running statistics),
+    nested widths that slice and train; a width-0.25 client measures about 1/4 of the full memory."""
+    model = create_model("preresnet18", num_classes=10, in_chans=3, img_size=32)
+    assert sum(p.numel() for p in model.parameters()) == 11_172_170
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats for m in model.modules())
+    run = small_run(method="heterofl", model="preresnet18", dataset="synthetic:3x32:200", clients=10,
+                    clients_per_round=2, rounds=1, memory_budget="0.25")
+    assert run.method.widths[0.25] < 0.5
+    assert run.profiler.memory_of(run.method.width_plan(run.method.widths[0.25])) <= 0.25 * run.ctx.full_memory
+    run.execute()
+    assert run.rows[-1]["violations"] == 0 and run.rows[-1]["accuracy"] is not None

@@ -1,4 +1,5 @@
-"""FeDepth's pre-activation ResNet-20, ``preresnet20`` (methods-depth-ssl.md §1.2).
+"""Pre-activation ResNets: FeDepth's ``preresnet20`` (methods-depth-ssl.md §1.2) and HeteroFL's
+``preresnet18`` (methods-width-slt.md §2.3, §2.5; at the end of this file).
 
 Follows the authors' ``models/preresnet_res_light.py``: stem = 3x3 conv + BN (no ReLU);
 nine pre-activation BasicBlocks (BN-ReLU-conv3x3-BN-ReLU-conv3x3), 16/32/64 channels, stride 2
@@ -109,3 +110,62 @@ class PreResNet20(FedModel):
         return dims
 
     tied_groups = ResNet20.tied_groups  # same layout format, same residual-stream ties
+
+
+class HeteroBlock(nn.Module):
+    """HeteroFL's pre-activation block: Scaler-BN-ReLU-conv3x3, Scaler-BN-ReLU-conv3x3, plus the identity
+    or a 1x1 projection of the pre-activated input (no BN on it)."""
+
+    def __init__(self, in_w: int, mid_w: int, out_w: int, stride: int, project: bool, rate: float):
+        super().__init__()
+        self.scaler = Scaler(rate)
+        self.n1 = norm(in_w)
+        self.conv1 = nn.Conv2d(in_w, mid_w, 3, stride, 1, bias=False)
+        self.n2 = norm(mid_w)
+        self.conv2 = nn.Conv2d(mid_w, out_w, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(in_w, out_w, 1, stride, bias=False) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.n1(self.scaler(x)))
+        skip = self.shortcut(pre) if self.shortcut is not None else x
+        y = self.conv1(pre)
+        return self.conv2(F.relu(self.n2(self.scaler(y)))) + skip
+
+
+@register_model("preresnet18")
+class PreResNet18(FedModel):
+    """HeteroFL's PreResNet-18 for CIFAR (the authors' ``src/models/resnet.py``, methods-width-slt.md §2.3):
+    stem conv3x3 (64, no norm); 4 stages x 2 ``HeteroBlock`` at 64/128/256/512 channels, stride 2 at the
+    first block of stages 2-4, 1x1 projection shortcuts where the shape changes; head = Scaler-BN-ReLU,
+    global average pool, linear. A Scaler stands before every norm (as the code: block input, after
+    conv1, before the final norm); BN keeps no running statistics (sBN: HeteroFL's evaluation computes
+    them from one pass over the training set). PyTorch's default initialisation, as the code.
+    About 11.2M parameters (the paper's table reports 9.6M; reference §2.6 notes the gap).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
+                 widths: dict[str, int] | None = None, rate: float = 1.0):
+        full, layout = resnet_layout((64, 128, 256, 512), 2)
+        super().__init__(full, widths)
+        self.layout = layout
+        w = self.widths
+        last = prev_group(layout)
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, w["stem"], 3, 1, 1, bias=False))
+        self.blocks = nn.ModuleList(
+            HeteroBlock(w[g], w[f"b{i}.mid"], w[f"b{i}.out"], stride, project, rate)
+            for g, i, stride, project in layout)
+        self.head = nn.Sequential(Scaler(rate), norm(w[last]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(w[last], num_classes))
+
+    def param_dims(self):
+        dims = {"stem.0.weight": ("stem", None)}
+        for g, i, _, project in self.layout:
+            mid, out, p = f"b{i}.mid", f"b{i}.out", f"blocks.{i}."
+            dims |= {p + "n1.weight": (g,), p + "n1.bias": (g,), p + "conv1.weight": (mid, g),
+                     p + "n2.weight": (mid,), p + "n2.bias": (mid,), p + "conv2.weight": (out, mid)}
+            if project:
+                dims[p + "shortcut.weight"] = (out, g)
+        last = prev_group(self.layout)
+        return dims | {"head.1.weight": (last,), "head.1.bias": (last,), "head.5.weight": (None, last)}
+
+    tied_groups = ResNet20.tied_groups

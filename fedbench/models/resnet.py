@@ -52,14 +52,15 @@ class BasicBlock(nn.Module):
         return F.relu(y + skip)
 
 
-def resnet_layout() -> tuple[dict[str, int], list[tuple[str, int, int, bool]]]:
+def resnet_layout(stages: tuple[int, ...] = STAGES, per_stage: int = BLOCKS_PER_STAGE
+                  ) -> tuple[dict[str, int], list[tuple[str, int, int, bool]]]:
     """Full group widths and, per block, (input group, block index, stride, projection shortcut)."""
-    full = {"stem": STAGES[0]}
+    full = {"stem": stages[0]}
     layout = []
     prev = "stem"
-    for s, c in enumerate(STAGES):
-        for j in range(BLOCKS_PER_STAGE):
-            i = s * BLOCKS_PER_STAGE + j
+    for s, c in enumerate(stages):
+        for j in range(per_stage):
+            i = s * per_stage + j
             full[f"b{i}.mid"] = full[f"b{i}.out"] = c
             stride = 2 if (s > 0 and j == 0) else 1
             layout.append((prev, i, stride, stride != 1 or full[prev] != c))
