@@ -40,6 +40,18 @@ def option_a_link(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2)) if pad > 0 else x
 
 
+def block_dims(layout, norm1: str, norm2: str, projection: str) -> dict:
+    """Channel groups of every pre-activation block's tensors (names of its two norms and its 1x1 projection)."""
+    dims = {}
+    for g, i, _, project in layout:
+        mid, out, p = f"b{i}.mid", f"b{i}.out", f"blocks.{i}."
+        dims |= {f"{p}{norm1}.weight": (g,), f"{p}{norm1}.bias": (g,), p + "conv1.weight": (mid, g),
+                 f"{p}{norm2}.weight": (mid,), f"{p}{norm2}.bias": (mid,), p + "conv2.weight": (out, mid)}
+        if project:
+            dims[f"{p}{projection}.weight"] = (out, g)
+    return dims
+
+
 def downsampled(size: int) -> int:
     """Output side of a 3x3, stride-2, padding-1 conv."""
     return (size - 1) // 2 + 1
@@ -99,15 +111,9 @@ class PreResNet20(FedModel):
 
     def param_dims(self):
         dims = {"stem.0.weight": ("stem", None), "stem.2.weight": ("stem",), "stem.2.bias": ("stem",)}
-        for g, i, _, project in self.layout:
-            mid, out, p = f"b{i}.mid", f"b{i}.out", f"blocks.{i}."
-            dims |= {p + "bn1.weight": (g,), p + "bn1.bias": (g,), p + "conv1.weight": (mid, g),
-                     p + "bn2.weight": (mid,), p + "bn2.bias": (mid,), p + "conv2.weight": (out, mid)}
-            if project:
-                dims[p + "shortcut.0.weight"] = (out, g)
         last = prev_group(self.layout)
-        dims |= {"head.0.weight": (last,), "head.0.bias": (last,), "head.4.weight": (None, last)}
-        return dims
+        return dims | block_dims(self.layout, "bn1", "bn2", "shortcut.0") | {
+            "head.0.weight": (last,), "head.0.bias": (last,), "head.4.weight": (None, last)}
 
     tied_groups = ResNet20.tied_groups  # same layout format, same residual-stream ties
 
@@ -158,14 +164,8 @@ class PreResNet18(FedModel):
                                   nn.Linear(w[last], num_classes))
 
     def param_dims(self):
-        dims = {"stem.0.weight": ("stem", None)}
-        for g, i, _, project in self.layout:
-            mid, out, p = f"b{i}.mid", f"b{i}.out", f"blocks.{i}."
-            dims |= {p + "n1.weight": (g,), p + "n1.bias": (g,), p + "conv1.weight": (mid, g),
-                     p + "n2.weight": (mid,), p + "n2.bias": (mid,), p + "conv2.weight": (out, mid)}
-            if project:
-                dims[p + "shortcut.weight"] = (out, g)
         last = prev_group(self.layout)
-        return dims | {"head.1.weight": (last,), "head.1.bias": (last,), "head.5.weight": (None, last)}
+        return {"stem.0.weight": ("stem", None)} | block_dims(self.layout, "n1", "n2", "shortcut") | {
+            "head.1.weight": (last,), "head.1.bias": (last,), "head.5.weight": (None, last)}
 
     tied_groups = ResNet20.tied_groups
