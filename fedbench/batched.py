@@ -15,7 +15,9 @@ tensors come through ``Method.client_inputs``), and no randomness inside the mod
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -70,10 +72,8 @@ def train_group(method: Method, model: FedModel, plan: Plan, states: Sequence[St
     client = {key: torch.stack([c[key] for c in inputs]) for key in inputs[0]}
     params = [n for n, _ in model.named_parameters()]
     pooled_x, pooled_y = torch.cat([d.x for d in datas]), torch.cat([d.y for d in datas])  # one gather per step
-    offsets = [0, *torch.tensor([len(d) for d in datas]).cumsum(0).tolist()[:-1]]
+    offsets = list(accumulate((len(d) for d in datas), initial=0))
     loss_sum = torch.zeros(k, device=device)
-    batches = [0] * k
-    samples = []
     for step in plan.steps:
         trained = [n for n in params if step.trains(n)]
         objective = _Objective(method, model, plan, step)
@@ -96,25 +96,29 @@ def train_group(method: Method, model: FedModel, plan: Plan, states: Sequence[St
                     rows = torch.cat([orders[i][j] + offsets[i] for i in members])
                     x = train_batch(pooled_x[rows], method.dataset, [gens[i] for i in members])
                     x, y = x.unflatten(0, (len(members), -1)), pooled_y[rows].view(len(members), -1)
-                    losses = sgd_step(stacked, momentum, trained, grad_fn, members, k, x, y, client, lr, method, cfg)
-                    loss_sum.index_add_(0, torch.tensor(members, device=device), losses.detach())
-                    for i in members:
-                        batches[i] += 1
-        samples.append([cfg.local_epochs * len(d) for d in datas])
+                    index = None if len(members) == k else torch.tensor(members, device=device)
+                    losses = sgd_step(stacked, momentum, trained, grad_fn, index, x, y, client, lr, method)
+                    if index is None:
+                        loss_sum += losses
+                    else:
+                        loss_sum.index_add_(0, index, losses)
+    steps = len(plan.steps) * cfg.local_epochs
     return [({n: t[i] for n, t in stacked.items()},
-             TrainResult(loss=float(loss_sum[i]) / max(batches[i], 1), samples=[s[i] for s in samples]))
-            for i in range(k)]
+             TrainResult(loss=float(loss_sum[i]) / max(steps * math.ceil(len(d) / cfg.batch_size), 1),
+                         samples=[cfg.local_epochs * len(d)] * len(plan.steps)))
+            for i, d in enumerate(datas)]
 
 
-def sgd_step(stacked: State, momentum: State, trained: list[str], grad_fn, members: list[int], k: int,
-             x: torch.Tensor, y: torch.Tensor, client: State, lr: float, method: Method, cfg) -> torch.Tensor:
-    """One step of ``members``: torch.optim.SGD's foreach update (weight decay, momentum, no dampening), per client.
+def sgd_step(stacked: State, momentum: State, trained: list[str], grad_fn, rows: torch.Tensor | None,
+             x: torch.Tensor, y: torch.Tensor, client: State, lr: float, method: Method) -> torch.Tensor:
+    """One step of the clients at ``rows`` (None: all): torch.optim.SGD's foreach update (weight decay,
+    momentum, no dampening), per client; returns their losses.
 
     With every client present the stacked tensors are used (BatchNorm's running statistics update
     in place); otherwise the members' rows are gathered and written back.
     """
-    whole = len(members) == k
-    rows = None if whole else torch.tensor(members, device=x.device)
+    cfg = method.config
+    whole = rows is None
     take = (lambda t: t) if whole else (lambda t: t.index_select(0, rows))
     train = {n: take(stacked[n]) for n in trained}
     rest = {n: take(t) for n, t in stacked.items() if n not in train}
@@ -142,4 +146,4 @@ def sgd_step(stacked: State, momentum: State, trained: list[str], grad_fn, membe
     if not whole:
         for n, t in rest.items():  # buffers the members updated (BatchNorm statistics); frozen tensors
             stacked[n].index_copy_(0, rows, t)
-    return losses
+    return losses.detach()

@@ -86,15 +86,19 @@ class Run:
         idx = self.parts[client].to(self.dataset.train_y.device)
         return ClientData(client, self.dataset.train_x[idx], self.dataset.train_y[idx])
 
-    def submodel(self, plan: Plan) -> FedModel:
+    def working(self, plan: Plan) -> FedModel:
         """A working module per plan shape, reused in place (pfl-research's placeholder model)."""
         key = plan.shape_key()
         if key not in self._submodels:
             self._submodels[key] = build_submodel(self.ctx.build, self.model, plan).to(self.ctx.device)
             if len(self._submodels) > 16:
                 self._submodels.popitem(last=False)
-        model = self._submodels[key]
         self._submodels.move_to_end(key)
+        return self._submodels[key]
+
+    def submodel(self, plan: Plan) -> FedModel:
+        """The working module of the plan's shape, loaded with the plan's slice of the global model."""
+        model = self.working(plan)
         load_slices(model, self.model, plan)
         return model
 
@@ -165,10 +169,11 @@ class Run:
             else:
                 results = [None] * len(group)
             for (client, gen, plan), data, done in zip(group, datas, results):
-                model = self.submodel(plan)
                 if done is None:
+                    model = self.submodel(plan)
                     result = self.method.local_train(model, data, plan, lr, gen)
                 else:
+                    model = self.working(plan)
                     batched.load_state(model, done[0])
                     result = done[1]
                 self.method.add_update(agg, plan, model, data)                                     # 5. aggregate

@@ -70,8 +70,8 @@ class Trainer:
         self.method, self.model, self.plan, self.step_spec = method, model, plan, step
         self.client: dict[str, torch.Tensor] = {}   # the client's own tensors for the loss (``client_inputs``)
         cfg = method.config
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def prepare(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         return train_batch(x, self.method.dataset, gen)
@@ -84,8 +84,8 @@ class Trainer:
         loss = self.loss(x, y, gen)
         loss.backward()
         if self.method.grad_clip > 0:
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.method.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                           self.method.grad_clip)
         self.opt.step()
         return loss.detach()
 

@@ -201,8 +201,7 @@ class SSLTrainer(Trainer):
         super().__init__(method, model, plan, step, lr)
         opts, cfg = method.options, method.config
         if opts.optimizer == "adamw":  # base lr per 256 samples, the run's lr schedule applied on top
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(params, lr=opts.base_lr * cfg.batch_size / 256 * lr / cfg.lr,
+            self.opt = torch.optim.AdamW(self.params, lr=opts.base_lr * cfg.batch_size / 256 * lr / cfg.lr,
                                          weight_decay=opts.adamw_weight_decay)
         units = _units(model, step)
         first = next((i for i, u in enumerate(units) if _trains(u)), len(units))

@@ -66,6 +66,13 @@ def load_slices(sub: FedModel, global_model: FedModel, plan: Plan) -> None:
             t.copy_(g if ix is None else g[ix])
 
 
+def extract(build: Callable[..., FedModel], global_model: FedModel, plan: Plan) -> FedModel:
+    """A new sub-model on the global model's device holding the plan's slice of its current values."""
+    model = build_submodel(build, global_model, plan).to(next(global_model.parameters()).device)
+    load_slices(model, global_model, plan)
+    return model
+
+
 def set_trainable(model: FedModel, step: Step) -> None:
     """Train only the step's parameters; frozen ones drop gradients left from an earlier step (memory)."""
     for name, p in model.named_parameters():

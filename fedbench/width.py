@@ -39,7 +39,7 @@ from fedbench.errors import ConfigError
 from fedbench.method import ClientData, Method
 from fedbench.models import FedModel
 from fedbench.plan import Plan, Step
-from fedbench.submodel import build_submodel, load_slices, uploaded
+from fedbench.submodel import extract, uploaded
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,7 @@ class WidthMethod(Method):
         model, width = global_model, self.eval_width()
         if width < 1:
             plan = self.width_plan(width)
-            model = build_submodel(self.ctx.build, global_model, plan).to(self.ctx.device)
-            load_slices(model, global_model, plan)
+            model = extract(self.ctx.build, global_model, plan)
         return static_bn(model, self.dataset) if self.recipe.sbn else model
 
     def describe_eval(self) -> str:

@@ -61,7 +61,7 @@ from fedbench.method import Method
 from fedbench.models import FedModel, scaled
 from fedbench.plan import Plan, Step
 from fedbench.registry import register_method
-from fedbench.submodel import build_submodel, load_slices, set_trainable
+from fedbench.submodel import build_submodel, extract, set_trainable
 
 MEMORY_MODELS = ("measured", "paper")
 PAPER_BATCH = 32  # SLT's estimator input (memory/memory_configs_slt.py)
@@ -265,9 +265,7 @@ class SLT(Method):
     # --- evaluation -----------------------------------------------------------------------
     def eval_model(self, global_model: FedModel) -> FedModel:
         plan = self.config_plan(*self.configs[self.current])
-        model = build_submodel(self.ctx.build, global_model, plan).to(self.ctx.device)
-        load_slices(model, global_model, plan)
-        return model
+        return extract(self.ctx.build, global_model, plan)
 
     def describe_eval(self) -> str:
         s = self.configs[-1][0]

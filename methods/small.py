@@ -12,7 +12,7 @@ from fedbench.method import Method
 from fedbench.models import FedModel
 from fedbench.plan import Plan
 from fedbench.registry import register_method
-from fedbench.submodel import build_submodel, load_slices
+from fedbench.submodel import extract
 
 
 @register_method
@@ -41,9 +41,7 @@ class Small(Method):
         return [({"budget": min(self.config.memory_budget)}, self.small)]
 
     def eval_model(self, global_model: FedModel) -> FedModel:
-        model = build_submodel(self.ctx.build, global_model, self.small).to(self.ctx.device)
-        load_slices(model, global_model, self.small)
-        return model
+        return extract(self.ctx.build, global_model, self.small)
 
     def describe_eval(self) -> str:
         return f"top-1 accuracy of the small model ({self.small.label}) on the test split"
