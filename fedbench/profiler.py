@@ -14,7 +14,7 @@ import gc
 import logging
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -80,9 +80,6 @@ class Measurement:
     activations: int       # tensors saved for backward (distinct storages, weights excluded)
     batch: int             # the input batch as received (uint8 images + labels)
     cuda_peak: int | None = None  # allocator peak minus base plus client state (CUDA only)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Trainable(Protocol):
