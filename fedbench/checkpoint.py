@@ -1,47 +1,126 @@
-"""Checkpoints every ``--checkpoint-every`` rounds (atomic), and ``--resume`` from one.
+"""Checkpoints every ``--checkpoint-every`` rounds, after the last round and after a Ctrl-C (atomic),
+and ``--resume`` from one.
 
 Randomness is a function of (seed, round, client), so a run resumed from round r draws
 exactly what the uninterrupted run drew: the resumed ``rounds.csv`` matches row for row.
+A checkpoint records the settings that decide the results (``identity``); resuming it under
+other settings, or with rounds.csv / clients.csv lacking a round it covers, is refused before
+anything is written.
 """
 from __future__ import annotations
 
-import math
-import os
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from fedbench.config import EXECUTION, RunConfig, method_options, model_kwargs
 from fedbench.engine import Observer, Run
 from fedbench.errors import ConfigError
+from fedbench.observers import FILES, Inconsistent, check_rounds, read_logs, write_atomic
+from fedbench.registry import get_method
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (*FILES, CHECKPOINT, "failed.json")  # failed.json: a sweep's failed cell (fedbench.compare)
+
+
+def identity(cfg: RunConfig) -> dict:
+    """The settings that decide a run's results, options typed; the EXECUTION ones may differ when it continues."""
+    plain = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION | {"options"}}
+    return plain | {"method options": asdict(method_options(get_method(cfg.method), cfg)),
+                    "model options": model_kwargs(cfg) if cfg.model else {}}
+
+
+def held_files(folder: Path) -> list[str]:
+    """The files of a run (finished or not) that ``folder`` holds."""
+    return [name for name in RUN_FILES if (Path(folder) / name).exists()]
+
+
+def clear(folder: Path) -> None:
+    """Remove a run's files from ``folder``, so that a new run starts there from scratch."""
+    for name in RUN_FILES:
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 class Checkpointer(Observer):
+    """checkpoint.pt every ``every`` rounds, after the last round, and after the round during which ``stop``
+    was set (Ctrl-C, see ``stop_on_interrupt``): then it ends the run with KeyboardInterrupt."""
+
     def __init__(self, out: Path, every: int):
         self.path = Path(out) / CHECKPOINT
         self.every = every
+        self.stop = False
+        self.saved = 0  # the round of the checkpoint on disk
+
+    def on_start(self, run: Run) -> None:
+        self.saved = run.start_round
 
     def after_round(self, run: Run, row: dict, clients: list[dict]) -> None:
-        if (self.every and row["round"] % self.every == 0) or row["round"] == run.config.rounds:
-            tmp = self.path.with_suffix(".pt.tmp")
-            torch.save(run.state_dict(), tmp)
-            os.replace(tmp, self.path)
+        last = row["round"] == run.config.rounds
+        if self.stop or last or (self.every and row["round"] % self.every == 0):
+            state = run.state_dict() | {"config": identity(run.config)}
+            write_atomic(self.path, lambda f: torch.save(state, f))
+            self.saved = row["round"]
+        if self.stop and not last:
+            raise KeyboardInterrupt
 
 
-def read_rows(folder: Path) -> list[dict]:
-    path = folder / "rounds.csv"
-    if not path.exists():
-        return []
-    rows = pd.read_csv(path).to_dict("records")
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+@contextmanager
+def stop_on_interrupt(checkpointer: Checkpointer, say: Callable[[], None]):
+    """While a run executes (in the main thread): a first Ctrl-C lets the round end, checkpointed, then stops
+    the run; a second one stops it at once (the checkpoint on disk stays as it was)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield
+        return
+
+    def first(signum, frame):
+        checkpointer.stop = True
+        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        say()
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+
+
+def rows_of(frame: pd.DataFrame) -> list[dict]:
+    return [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
 
 
 def restore(run: Run, folder: Path) -> None:
-    """Load the folder's checkpoint into a prepared run (same config); raise if there is none."""
-    path = Path(folder) / CHECKPOINT
+    """Load the folder's checkpoint into a prepared run, and rounds.csv up to the checkpoint's round (rows
+    written after it are dropped). Raises ConfigError, before anything is written, when there is no
+    checkpoint, when it was written under other settings, or when the CSVs lack a round it covers."""
+    folder = Path(folder)
+    path = folder / CHECKPOINT
     if not path.exists():
         raise ConfigError("--resume", f"no {CHECKPOINT} in {folder}; only runs with a checkpoint can be resumed")
-    state = torch.load(path, weights_only=True, map_location=run.ctx.device)
-    run.load_state_dict(state, read_rows(Path(folder)))
+    try:
+        state = torch.load(path, weights_only=True, map_location=run.ctx.device)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ConfigError("--resume", f"{path} unreadable ({type(e).__name__}); {again(folder)}") from None
+    mine, stored = identity(run.config), state.get("config")
+    if stored != mine:
+        what = ("records no settings (an older fedbench wrote it)" if stored is None else
+                f"was written under other settings than {folder / 'config.toml'} ("
+                + ", ".join(k for k in mine if stored.get(k) != mine[k]) + "): the folder mixes two runs")
+        raise ConfigError("--resume", f"{path} {what}; {again(folder)}")
+    try:
+        rounds, clients = read_logs(folder)
+        rounds, clients = (f[f["round"] <= state["round"]] for f in (rounds, clients))
+        check_rounds(rounds, clients, state["round"], CHECKPOINT)
+    except Inconsistent as e:
+        raise ConfigError("--resume", f"{folder}: {e}, so the run cannot continue exactly; {again(folder)}") from None
+    run.load_state_dict(state, rows_of(rounds))
+
+
+def again(folder: Path) -> str:
+    return f"start it again with: fedbench run --config {folder / 'config.toml'} --overwrite"

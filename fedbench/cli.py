@@ -1,7 +1,9 @@
 """``fedbench``: thin Typer commands over plain functions, one error boundary (exit code 2)."""
 from __future__ import annotations
 
+import logging
 import sys
+from contextlib import nullcontext
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
@@ -20,6 +22,45 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from fedbench.provenance import version
+        typer.echo(version())
+        raise typer.Exit()
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (rich's spinner and test runners swap it)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, _: None)
+
+
+LOG_HANDLER = StderrHandler()
+LOG_HANDLER.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+
+def configure_logging(verbose: int) -> None:
+    """fedbench's loggers (``fedbench.*``, ``methods.*``) on stderr: -v INFO, -vv DEBUG; else Python's default
+    (warnings and errors only)."""
+    for name in ("fedbench", "methods"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.NOTSET)
+        (logger.addHandler if verbose else logger.removeHandler)(LOG_HANDLER)
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                  help="Print fedbench's version and exit.")] = False,
+            verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                                 help="Log what fedbench does: -v INFO, -vv DEBUG (on stderr).")] = 0) -> None:
+    configure_logging(verbose)
+
+
+def measuring(show: bool):
+    """A spinner on stderr while ``prepare`` loads the data and measures each configuration (up to a minute)."""
+    return err.status("loading the data, measuring each configuration's memory and FLOPs") if show else nullcontext()
 
 
 def boundary(fn):
@@ -78,6 +119,7 @@ def run(ctx: typer.Context,
         weight_decay: Annotated[Optional[float], typer.Option(help="SGD weight decay.")] = None,
         lr_schedule: Annotated[Optional[str], typer.Option(help="const or cosine (over rounds).")] = None,
         partition: Annotated[Optional[str], typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = None,
+        augment: Annotated[Optional[str], typer.Option(help="Training augmentation: auto (pad-4 crop + flip for colour images up to 64 px, none for grey ones), none or crop-flip.")] = None,
         memory_budget: Budget = None,
         budget_assignment: Annotated[Optional[str], typer.Option(help="fixed (equal client groups) or per-round (each client's budget drawn from the list every round).")] = None,
         eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N rounds (and after the last).")] = None,
@@ -86,12 +128,14 @@ def run(ctx: typer.Context,
         device: Device = None, seed: Seed = None,
         client_batching: Annotated[Optional[str], typer.Option(help="on: clients that share a plan shape train together (vmap; same results within float tolerance); off: one at a time; auto: on on a GPU, off on a CPU.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Run folder (default results/runs/<method>-<timestamp>).")] = None,
-        checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N rounds (0: only at the end).")] = None,
-        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (its config.toml).")] = None,
+        checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N rounds (0: only at the end and on Ctrl-C).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added).")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (its files are removed first).")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary table.")] = False,
         config: Config = None) -> None:
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json."""
-    from fedbench.checkpoint import Checkpointer, restore
+
+    from fedbench.checkpoint import Checkpointer, clear, held_files, restore, stop_on_interrupt
     from fedbench.config import resolve
     from fedbench.distributed import from_env
     from fedbench.engine import prepare
@@ -100,40 +144,58 @@ def run(ctx: typer.Context,
     flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, clients=clients,
                  clients_per_round=clients_per_round, rounds=rounds, local_epochs=local_epochs,
                  batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                 lr_schedule=lr_schedule, partition=partition, memory_budget=memory_budget,
+                 lr_schedule=lr_schedule, partition=partition, augment=augment, memory_budget=memory_budget,
                  budget_assignment=budget_assignment,
                  eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
                  client_batching=client_batching, seed=seed, out=str(out) if out else None, quiet=quiet or None,
                  checkpoint_every=checkpoint_every, **parse_extra(ctx.args))
     if resume is not None:
+        if overwrite or config is not None:
+            raise ConfigError("--overwrite" if overwrite else "--config",
+                              "not with --resume, which continues the run in its folder as its config.toml says")
         config, flags = resume_config(resume, flags)
     cfg = resolve(flags, config)
-    group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
-    runner = prepare(cfg, group=group)
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
+    main = group is None or group.main
+    held = held_files(folder) if resume is None and not overwrite and main else []
+    if held:
+        raise ConfigError("--out", f"{folder} already holds a run ({', '.join(held)}); continue it with --resume "
+                                   f"{folder}, replace it with --overwrite, or choose another --out")
+    with measuring(not cfg.quiet and main):  # not on the other torchrun processes
+        runner = prepare(cfg, group=group)
     if resume is not None:
         restore(runner, folder)
-    main = group is None or group.main
-    observers = ([RunFiles(folder), Checkpointer(folder, cfg.checkpoint_every)] if main else []) + \
-        ([] if cfg.quiet or not main else [Live(err)])
-    try:
-        runner.execute(observers)
+    elif overwrite and main:
+        clear(folder)
+    checkpoints = Checkpointer(folder, cfg.checkpoint_every)
+    observers = ([RunFiles(folder), checkpoints] if main else []) + ([] if cfg.quiet or not main else [Live(err)])
+    stopping = stop_on_interrupt(checkpoints, lambda: err.print("Ctrl-C: stopping after this round, with a checkpoint "
+                                                                "(Ctrl-C again: stop at once)"))
+    try:  # under torchrun every process gets the Ctrl-C and stops at once
+        with stopping if group is None else nullcontext():
+            runner.execute(observers)
     except KeyboardInterrupt:
-        err.print(f"interrupted after {len(runner.rows)} rounds; finished rounds are in {folder}")
+        resumable = (f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
+                     if checkpoints.saved else "no round was checkpointed, nothing to resume")
+        err.print(f"interrupted after round {runner.completed}; {resumable}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if not cfg.quiet and main:
         err.print(f"results: {folder}")
 
 
 def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
-    """A resumed run takes its folder's config.toml; only --rounds (to extend) and --quiet may change."""
+    """A resumed run takes every setting from its folder's config.toml; only --quiet may be added. Not even
+    --rounds: the lr schedule, the methods' stage schedules and the last evaluation depend on the total."""
     path = folder / "config.toml"
     if not path.exists():
         raise ConfigError("--resume", f"{folder} is not a fedbench run folder (no config.toml)")
-    given = {k for k, v in flags.items() if v is not None} - {"rounds", "quiet"}
+    given = {k for k, v in flags.items() if v is not None} - {"quiet"}
     if given:
-        raise ConfigError("--resume", f"takes its settings from {path}; drop {', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
-    return path, {k: flags[k] for k in ("rounds", "quiet") if flags[k] is not None} | {"out": str(folder)}
+        raise ConfigError("--resume", f"continues the run exactly as {path} says; drop "
+                                      f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}"
+                                      + (" (to train longer, start a new run)" if "rounds" in given else ""))
+    return path, {"quiet": flags["quiet"], "out": str(folder)}
 
 
 @app.command()
@@ -162,15 +224,16 @@ def profile(ctx: typer.Context,
 
     flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, memory_budget=memory_budget,
                  batch_size=batch_size, rounds=rounds, device=device, seed=seed, **parse_extra(ctx.args))
-    runner = prepare(resolve(flags, config), shapes_only=True)
-    rows = profile_rows(runner)
+    with measuring(True):
+        runner = prepare(resolve(flags, config), shapes_only=True)
+        rows = profile_rows(runner)
     out.print(render_profile(runner, rows))
     if csv:
         rows.to_csv(csv, index=False)
 
 
 RUN_SETTINGS = ("dataset", "data_dir", "model", "clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
-                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "budget_assignment", "eval_every", "weighting", "client_state",
+                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "augment", "budget_assignment", "eval_every", "weighting", "client_state",
                 "device", "client_batching", "checkpoint_every")
 
 
@@ -214,7 +277,7 @@ def compare(ctx: typer.Context,
         err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
                   f"finished" + (f"; {group.size} processes share the rest" if group else ""))
     try:
-        sweep(todo, print_outcome, group)
+        outcomes = sweep(todo, print_outcome, group)
     except KeyboardInterrupt:
         err.print("interrupted; finished cells are kept: rerun the same command to continue")
         raise typer.Exit(130) from None
@@ -224,7 +287,11 @@ def compare(ctx: typer.Context,
     failures = check_cells(todo.cells, comparison.runs) if check else []
     for line in failures:
         err.print(f"check failed: {line}", highlight=False, soft_wrap=True)
-    if failures:
+    died = [o.cell for o in outcomes if o.died]
+    if died:
+        err.print(f"the worker process of {len(died)} cell(s) died ({', '.join(died)}): rerun the same command "
+                  "to redo them", highlight=False, soft_wrap=True)
+    if failures or died:
         raise typer.Exit(1)
 
 

@@ -7,12 +7,14 @@ cell). ``[overrides.METHOD]`` tables (or ``[overrides.self-supervised]``, for ev
 ``supervised = False``) hold plain settings for one method; a method option applies only to the
 methods that have it.
 
-Each cell is one run folder, ``OUT/<method>/b<budget>[-<key>=<value>...]/s<seed>``. A cell whose
-summary.json exists is skipped, an incomplete one with a checkpoint resumes from it, so rerunning
-the same command continues an interrupted sweep. Everything that can be checked without training
+Each cell is one run folder, ``OUT/<method>/b<budget>[-<key>=<value>...]/s<seed>``. A cell that
+``fedbench report`` lists as ok is skipped, a corrupt one runs again from scratch, an incomplete
+or failed one with a checkpoint resumes from it, so rerunning the same command continues an
+interrupted sweep. Everything that can be checked without training
 (settings, dataset, model, folders holding a run with other settings) is checked for every cell
 before anything runs; a cell that still fails (a budget too small for a method, a crash) is
-recorded in its folder (failed.json) and the sweep goes on.
+recorded in its folder (failed.json) and the sweep goes on; so is a cell whose worker process
+died (killed, out of memory), and then the command exits 1.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
 from itertools import product
@@ -30,8 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedbench.config import (EXECUTION, FIELDS, RunConfig, load_toml, method_options, model_kwargs, parse_budget, resolve,
-                             with_model)
+from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, parse_budget, resolve
 from fedbench.errors import ConfigError
 from fedbench.registry import get_method, list_methods
 
@@ -41,11 +42,9 @@ if TYPE_CHECKING:
     from fedbench.distributed import Group
 
 FAILED = "failed.json"
-SUMMARY = "summary.json"
 SELF_SUPERVISED = "self-supervised"
 AXES = ("method", "memory_budget", "seed")
 ALIASES = {"methods": "method", "seeds": "seed"}
-IGNORED = EXECUTION | {"options"}  # may differ when a cell is continued
 
 PRESETS = Path(__file__).with_name("presets")  # <name>.toml: sweep files shipped with fedbench
 
@@ -63,7 +62,9 @@ class Cell:
         return Path(self.config.out)
 
     def complete(self) -> bool:
-        return (self.folder / SUMMARY).exists()
+        """Finished and consistent: what ``fedbench report`` lists as ok."""
+        from fedbench.report import run_status
+        return run_status(self.folder) == "ok"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Outcome:
     message: str              # final accuracy, or the error
     seconds: float            # wall time
     cpu_seconds: float        # CPU time of the process (all its threads) while the cell ran
+    died: bool = False        # its worker process died (killed, out of memory) before it could report
 
 
 # --- the grid --------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def grid(spec: dict[str, Any]) -> Grid:
             key = (cfg.dataset, cfg.data_dir, cfg.seed if cfg.dataset == "synthetic" else 0)
             if key not in datasets:
                 datasets[key] = dataset_of(cfg)
-            cells.append(Cell(name, with_model(cfg, datasets[key].in_chans), datasets[key].num_classes))
+            cells.append(Cell(name, for_dataset(cfg, datasets[key]), datasets[key].num_classes))
     cells.sort(key=lambda c: seeds.index(c.config.seed))  # a whole table at the first seed comes first
     check_folders(cells)
     return Grid(root, cells, jobs)
@@ -214,44 +216,55 @@ def check_folders(cells: list[Cell]) -> None:
 
 
 def settings_differ(cfg: RunConfig, stored: Path) -> list[str]:
-    """Settings of ``cfg`` that differ from the run config stored in a cell folder."""
+    """Settings of ``cfg`` that differ from the run config stored in a cell folder (those a checkpoint records)."""
+    from fedbench.checkpoint import identity
+
     try:
-        old = resolve({}, stored)
+        old = identity(resolve({}, stored))
     except ConfigError as e:
         return [f"unreadable {stored.name}: {e.message}"]
-    differ = [f.name for f in fields(RunConfig)
-              if f.name not in IGNORED and getattr(old, f.name) != getattr(cfg, f.name)]
-    if method_options(get_method(cfg.method), old) != method_options(get_method(cfg.method), cfg):
-        differ.append("method options")
-    if model_kwargs(old) != model_kwargs(cfg):
-        differ.append("model options")
-    return differ
+    new = identity(cfg)
+    return [k for k in new if old.get(k) != new[k]]
 
 
 # --- running -----------------------------------------------------------------------------------
 def run_cell(cell: Cell) -> Outcome:
-    """One cell: a fresh run, or the continuation of its checkpoint; any failure is recorded, not raised."""
-    from fedbench.checkpoint import CHECKPOINT, Checkpointer, restore
+    """One cell: a fresh run (a corrupt folder's files are removed first), or the continuation of its
+    checkpoint; any failure is recorded, not raised."""
+    from fedbench.checkpoint import CHECKPOINT, Checkpointer, clear, restore, stop_on_interrupt
     from fedbench.engine import prepare
-    from fedbench.observers import RunFiles, to_toml, write_atomic
+    from fedbench.observers import RunFiles
+    from fedbench.report import run_status
 
     folder, t0, cpu0 = cell.folder, time.perf_counter(), time.process_time()
+    corrupt = run_status(folder) == "corrupt"
     (folder / FAILED).unlink(missing_ok=True)
     try:
         runner = prepare(cell.config)
-        if (folder / CHECKPOINT).exists():
+        if corrupt:
+            clear(folder)
+        elif (folder / CHECKPOINT).exists():
             restore(runner, folder)
-        summary = runner.execute([RunFiles(folder), Checkpointer(folder, cell.config.checkpoint_every)])
+        checkpoints = Checkpointer(folder, cell.config.checkpoint_every)
+        with stop_on_interrupt(checkpoints, lambda: None):  # Ctrl-C: the cell's round ends, checkpointed
+            summary = runner.execute([RunFiles(folder), checkpoints])
     except Exception as e:  # the sweep's error boundary: recorded in the cell folder and in the table
         message = f"{e.flag}: {e.message}" if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "config.toml").exists():
-            write_atomic(folder / "config.toml", to_toml(cell.config.to_dict()))
-        write_atomic(folder / FAILED, json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=1))
+        record_failure(cell, message, traceback.format_exc())
         return Outcome(cell.name, False, message, time.perf_counter() - t0, time.process_time() - cpu0)
     acc = summary["final_accuracy"]
     return Outcome(cell.name, True, "accuracy " + ("-" if acc is None else f"{acc:.4f}"),
                    time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+def record_failure(cell: Cell, message: str, trace: str = "") -> None:
+    """failed.json in the cell's folder, beside a config.toml (so that ``report`` lists the cell as failed)."""
+    from fedbench.observers import to_toml, write_atomic
+
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    if not (cell.folder / "config.toml").exists():
+        write_atomic(cell.folder / "config.toml", to_toml(cell.config.to_dict()))
+    write_atomic(cell.folder / FAILED, json.dumps({"error": message, "traceback": trace}, indent=1))
 
 
 def limit_threads(threads: int) -> None:
@@ -283,17 +296,39 @@ def run_in_turn(cells: list[Cell]) -> Iterator[Outcome]:
 
 
 def run_parallel(cells: list[Cell], jobs: int) -> Iterator[Outcome]:
+    """``jobs`` worker processes, one cell at a time each (a pool of one per worker, so that a worker that dies
+    (killed, out of memory) breaks only its own pool: that cell is recorded as failed, the worker replaced)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=limit_threads, initargs=(threads,))
+    todo, running, pools = list(reversed(cells)), {}, []
+
+    def start(pool: ProcessPoolExecutor) -> None:
+        cell = todo.pop()
+        running[pool.submit(run_cell, cell)] = (pool, cell, time.perf_counter())
+
+    def worker() -> ProcessPoolExecutor:
+        pools.append(ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=limit_threads,
+                                         initargs=(threads,)))
+        return pools[-1]
+
     try:
-        futures = {pool.submit(run_cell, c): c for c in cells}
-        for future in as_completed(futures):
-            try:
-                yield future.result()
-            except BrokenProcessPool as e:  # a worker died (killed, out of memory): its cells are not done
-                yield Outcome(futures[future].name, False, f"worker process died: {e}", 0.0, 0.0)
+        for _ in range(min(jobs, len(cells))):
+            start(worker())
+        while running:
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                pool, cell, t0 = running.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    message = "worker process died (killed, or out of memory)"
+                    record_failure(cell, message)
+                    outcome = Outcome(cell.name, False, message, time.perf_counter() - t0, 0.0, died=True)
+                    pool = worker()
+                if todo:
+                    start(pool)
+                yield outcome
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- the smoke check ---------------------------------------------------------------------------

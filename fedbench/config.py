@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import tomllib
@@ -12,6 +12,9 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from fedbench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedbench.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "const"
     partition: str = "iid"
+    augment: str = "auto"                 # auto: crop-flip for colour images up to 64 px, else none (data.auto_augment)
     memory_budget: tuple[float, ...] = (1.0,)
     budget_assignment: str = "fixed"      # fixed: equal client groups; per-round: drawn from the list each round
     eval_every: int = 5
@@ -51,7 +55,7 @@ class RunConfig:
 
 CHOICES = {"lr_schedule": ("const", "cosine"), "budget_assignment": ("fixed", "per-round"), "device": ("auto", "cpu", "cuda"),
            "weighting": ("samples", "uniform"), "client_state": ("stateless", "stateful"),
-           "client_batching": ("auto", "on", "off")}
+           "client_batching": ("auto", "on", "off"), "augment": ("auto", "none", "crop-flip")}
 POSITIVE_INT = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
 FIELDS = {f.name for f in fields(RunConfig)} - {"options"}
 # How a run executes, not what it computes (results equal within float tolerance): may differ between the
@@ -177,12 +181,15 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return {k: coerce(k, v, type(defaults[k])) for k, v in cfg.options.items() if k in defaults}
 
 
-def with_model(cfg: RunConfig, in_chans: int) -> RunConfig:
-    """Fill the default model once the dataset is known, and check model-specific options."""
+def for_dataset(cfg: RunConfig, dataset: "Dataset") -> RunConfig:
+    """Fill what depends on the data once it is known: the default model (then check model-specific
+    options) and ``--augment auto`` (the dataset's default, so config.toml records what was done)."""
     from fedbench.registry import get_method
 
+    if cfg.augment == "auto":
+        cfg = replace(cfg, augment="crop-flip" if dataset.augment else "none")
     if cfg.model is not None:
         return cfg
-    default = get_method(cfg.method).preferred_model or ("cnn" if in_chans == 1 else "resnet20")
+    default = get_method(cfg.method).preferred_model or ("cnn" if dataset.in_chans == 1 else "resnet20")
     return validate(replace(cfg, model=default))
 

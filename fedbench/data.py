@@ -14,10 +14,17 @@ Names accepted by :func:`load_dataset` (see :data:`DATASETS`):
   indices are sorted, so the subset keeps the original file order.
 - ``fashion-mnist``, ``mnist``: the original IDX files if ``data_dir`` holds them directly,
   else torchvision (downloading into ``data_dir`` when missing).
-- ``cifar10``, ``cifar100``: torchvision; ``augment=True`` (pad-4 random crop + flip).
+- ``cifar10``, ``cifar100``: torchvision.
 - ``synthetic``: 10 classes of 1x16x16 images, a seeded prototype per class plus noise.
 - ``imagefolder:PATH``: ``PATH/{train,test}/CLASS/*.png|jpg|jpeg``, decoded once into
   ``PATH/.fedbench-cache.pt`` (rebuilt when the image files change).
+
+Every split is stored in one fixed pseudo-random order that depends only on what it holds
+(:func:`content_order`), never on the order its files were read in: anything that walks a split
+in batches (evaluation with BatchNorm batch statistics, the sBN pass, linear-probe features)
+sees mixed-class batches, and the same images give the same results however they are stored.
+``Dataset.augment`` (pad-4 random crop + horizontal flip in training) defaults to
+:func:`auto_augment`; ``--augment none|crop-flip`` overrides it (the run's config.toml records it).
 
 The default ``data_dir`` is ``$FEDBENCH_DATA`` or ``~/.cache/fedbench/data``.
 Returned datasets may be shared between callers (in-process cache): treat them as read-only.
@@ -109,10 +116,10 @@ class Dataset:
 
 
 def normalize(x: torch.Tensor, ds: Dataset) -> torch.Tensor:
-    """uint8 batch ``[B, C, H, W]`` -> float32 standardised with the dataset's mean/std."""
-    mean = torch.tensor(ds.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(ds.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float().div_(255.0) - mean).div_(std)
+    """uint8 batch ``[B, C, H, W]`` -> floats (the default dtype) standardised with the dataset's mean/std."""
+    mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
+    return (x.to(mean.dtype).div_(255.0) - mean).div_(std)
 
 
 def train_batch(x: torch.Tensor, ds: Dataset,
@@ -189,10 +196,37 @@ def _load_cached(name: str, root: str | None, seed: int) -> Dataset:
 
 
 def _build(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-           num_classes: int, augment: bool = False) -> Dataset:
-    """A Dataset with mean/std computed from the train images."""
+           num_classes: int) -> Dataset:
+    """A Dataset with both splits in :func:`content_order`, mean/std from the train images."""
+    train, test = _in_content_order(*train), _in_content_order(*test)
     mean, std = _channel_stats(train[0])
-    return Dataset(name, train[0], train[1], test[0], test[1], num_classes, mean, std, augment)
+    shape = tuple(train[0].shape[1:])
+    return Dataset(name, *train, *test, num_classes, mean, std, auto_augment(shape))
+
+
+def content_order(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Indices that sort the samples by a hash of (image bytes, label): a fixed pseudo-random order
+    that depends only on the samples a split holds, not on the order they come in.
+
+    The hash is a seeded random linear form in int64 (wrapping, so exact and order-free); class-sorted
+    files (an ``imagefolder:`` tree) thus end up as well mixed as torchvision's shuffled test sets.
+    """
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randint(-2 ** 62, 2 ** 62, (x[0].numel() + 1,), generator=gen)
+    keys = torch.cat([(part.reshape(len(part), -1).long() * weights[:-1]).sum(1) for part in x.split(chunk)])
+    return torch.argsort(keys + y.long() * weights[-1], stable=True)
+
+
+def _in_content_order(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = content_order(x, y)
+    return x[order], y[order]
+
+
+def auto_augment(shape: tuple[int, ...]) -> bool:
+    """``--augment auto``: pad-4 crop + flip for colour images of at most 64x64 pixels (CIFAR-like),
+    none for grey ones (Fashion-MNIST, MNIST), as the papers' recipes do."""
+    channels, height, width = shape
+    return channels == 3 and max(height, width) <= 64
 
 
 def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -253,7 +287,7 @@ def _make_synthetic(name: str, seed: int, channels: int = 1, size: int = 16, n_t
         return (img * 255).round().to(torch.uint8), y
 
     train = draw(n_train)
-    return _build(name, train, draw(n_test), num_classes, augment=channels == 3)
+    return _build(name, train, draw(n_test), num_classes)
 
 
 # ----------------------------------------------------------------------------- IDX / torchvision
@@ -297,7 +331,7 @@ def _load_cifar(name: str, root: Path) -> Dataset:
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         return x, torch.tensor(ds.targets, dtype=torch.int64)
 
-    return _build(name, split(train), split(test), len(train.classes), augment=True)
+    return _build(name, split(train), split(test), len(train.classes))
 
 
 def _torchvision_splits(name: str, root: Path, cls: type, files: str) -> tuple:
@@ -455,4 +489,4 @@ def placeholder(name: str) -> Dataset | None:
     x = torch.zeros((classes, *shape), dtype=torch.uint8)
     y = torch.arange(classes)
     half = (0.5,) * shape[0]
-    return Dataset(name, x, y, x, y, classes, half, half, augment=shape[0] == 3)
+    return Dataset(name, x, y, x, y, classes, half, half, auto_augment(shape))

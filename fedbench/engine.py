@@ -10,13 +10,13 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
 from fedbench import batched
-from fedbench.config import RunConfig, model_kwargs, with_model
+from fedbench.config import RunConfig, for_dataset, model_kwargs
 from fedbench.data import Dataset, load_dataset, placeholder
 from fedbench.distributed import Group
 from fedbench.errors import ConfigError
@@ -25,6 +25,7 @@ from fedbench.models import FedModel, create_model
 from fedbench.partition import partition
 from fedbench.plan import Plan
 from fedbench.profiler import Profiler, Traffic, forward_macs
+from fedbench.provenance import provenance
 from fedbench.registry import get_method
 from fedbench.seeding import derive, generator, sample_clients
 from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
@@ -254,6 +255,7 @@ class Run:
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
             "forward_macs_per_sample": forward_macs(self.model, tuple(self.dataset.train_x.shape[1:])),
             "device": str(self.ctx.device), "wall_s": sum(r["wall_s"] for r in self.rows),
+            "provenance": provenance(self.ctx.device),
             "units": {"bytes": "B (decimal MB = 1e6 B in tables)",
                       "train_flops": "FLOPs, 2 per multiply-add, conv/matmul/attention only (FlopCounterMode on meta)",
                       "forward_macs_per_sample": "fvcore multiply-adds of the full model, one sample"},
@@ -273,7 +275,8 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     except ConfigError:
         if not shapes_only or (dataset := placeholder(cfg.dataset)) is None:
             raise
-    cfg = with_model(cfg, dataset.in_chans)
+    cfg = for_dataset(cfg, dataset)
+    dataset = replace(dataset, augment=cfg.augment == "crop-flip")
     parts = ([dataset.train_y.new_zeros(0)] * cfg.clients if shapes_only
              else partition(dataset.train_y, cfg.clients, cfg.partition, cfg.seed))
     dataset = dataset.to(device)

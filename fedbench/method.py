@@ -101,6 +101,29 @@ class Trainer:
         return out
 
 
+EVAL_BATCH = 500
+
+
+@torch.no_grad()
+def evaluate_on_test(model: FedModel, ds: Dataset) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on the test split, in batches of EVAL_BATCH.
+
+    BatchNorm without running statistics (the SLT/FEDEPTH code's, kept here) normalises each batch
+    with its own statistics, so the result depends on which samples share a batch: the split's
+    fixed content order (``fedbench.data.content_order``) mixes the classes of every batch.
+    """
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(ds.test_y), EVAL_BATCH):
+        x, y = normalize(ds.test_x[i:i + EVAL_BATCH], ds), ds.test_y[i:i + EVAL_BATCH]
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train()
+    n = len(ds.test_y)
+    return {"accuracy": correct / n, "loss": loss / n}
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """A method without options of its own."""
@@ -203,20 +226,9 @@ class Method:
         """The model that is evaluated (default: the full global model)."""
         return global_model
 
-    @torch.no_grad()
     def evaluate(self, global_model: FedModel) -> dict[str, float]:
         """Top-1 accuracy and mean cross-entropy on the test split."""
-        model = self.eval_model(global_model).eval()
-        ds = self.dataset
-        correct, loss = 0, 0.0
-        for i in range(0, len(ds.test_y), 500):
-            x, y = normalize(ds.test_x[i:i + 500], ds), ds.test_y[i:i + 500]
-            out = model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-        model.train()
-        n = len(ds.test_y)
-        return {"accuracy": correct / n, "loss": loss / n}
+        return evaluate_on_test(self.eval_model(global_model), self.dataset)
 
     def describe_eval(self) -> str:
         return "top-1 accuracy of the full global model on the test split"

@@ -1,9 +1,13 @@
 """Observers of a run: files on disk and what the terminal shows. The engine knows neither."""
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 from rich.console import Console
@@ -11,7 +15,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fedbench.engine import Observer, Run
+from fedbench.errors import ConfigError
 from fedbench.partition import describe
+
+FILES = ("config.toml", "partition.csv", "rounds.csv", "clients.csv", "summary.json")  # what RunFiles writes
+# Columns of rounds.csv / clients.csv that summaries and reports add up: numbers, missing only where listed.
+ROUND_COLUMNS = ("round", "accuracy", "train_flops", "bytes_down", "bytes_up", "peak_max", "violations", "clients",
+                 "wall_s")
+CLIENT_COLUMNS = ("round", "peak_bytes", "budget_bytes")
+MAY_BE_MISSING = {"accuracy"}  # rounds without an evaluation
 
 
 def to_toml(values: dict) -> str:
@@ -26,10 +38,61 @@ def to_toml(values: dict) -> str:
     return "".join(f"{k.replace('_', '-')} = {fmt(v)}\n" for k, v in flat.items() if v is not None)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextmanager
+def writing(path: Path, note: str = ""):
+    """Turn a failed write (disk full, no permission) into one line naming --out."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError("--out", f"cannot write {path}: {e.strerror or e}{note}") from None
+
+
+def write_atomic(path: Path, content: str | Callable[[IO[bytes]], object]) -> None:
+    """Write ``content`` (text, or a function writing to a binary file) to PATH.tmp, then rename it over PATH:
+    a failed or interrupted write keeps the previous file and leaves no .tmp behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path, "; its previous version is kept" if path.exists() else ""):
+        try:
+            with open(tmp, "wb") as f:
+                content(f) if callable(content) else f.write(content.encode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class Inconsistent(Exception):
+    """A run folder whose files are unreadable or disagree with each other."""
+
+
+def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rounds.csv and clients.csv without a last line cut short (a write that did not finish); raises
+    Inconsistent if a file is unreadable or a column that is added up holds anything but numbers."""
+    frames = []
+    for name, columns in (("rounds.csv", ROUND_COLUMNS), ("clients.csv", CLIENT_COLUMNS)):
+        try:
+            text = (folder / name).read_text()
+            frame = pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
+        except (OSError, ValueError) as e:  # missing, empty or malformed (UnicodeDecodeError is a ValueError)
+            raise Inconsistent(f"{name} unreadable ({e})") from None
+        missing = sorted(set(columns) - set(frame.columns))
+        if missing:
+            raise Inconsistent(f"{name} lacks columns {', '.join(missing)}")
+        bad = [c for c in columns if not pd.api.types.is_numeric_dtype(frame[c])
+               or (c not in MAY_BE_MISSING and frame[c].isna().any())]
+        if bad:
+            raise Inconsistent(f"{name} has missing or non-numeric values in {', '.join(bad)}")
+        frames.append(frame)
+    return frames[0], frames[1]
+
+
+def check_rounds(rounds: pd.DataFrame, clients: pd.DataFrame, n: int, source: str) -> None:
+    """Raise Inconsistent unless ``rounds`` holds rounds 1..n and ``clients`` exactly their client-rounds."""
+    if rounds["round"].tolist() != list(range(1, n + 1)):
+        raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, {source} says {n}")
+    client_rounds = int(rounds["clients"].sum())
+    if len(clients) != client_rounds or set(clients["round"]) != set(rounds["round"]):
+        raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}")
 
 
 class RunFiles(Observer):
@@ -45,18 +108,19 @@ class RunFiles(Observer):
         if run.start_round == 0:
             describe(run.parts, run.dataset.train_y.cpu(), run.dataset.num_classes).to_csv(
                 self.out / "partition.csv", index=False)
-        for name in ("rounds.csv", "clients.csv"):  # keep only rounds up to the checkpoint
+        logs = read_logs(self.out) if run.start_round else (None, None)  # checked by checkpoint.restore
+        for name, rows in zip(("rounds.csv", "clients.csv"), logs):  # keep only rounds up to the checkpoint
             path = self.out / name
-            if run.start_round == 0 or not path.exists():
+            if rows is None:
                 path.unlink(missing_ok=True)
             else:
-                rows = pd.read_csv(path)
-                rows[rows["round"] <= run.start_round].to_csv(path, index=False)
+                write_atomic(path, rows[rows["round"] <= run.start_round].to_csv(index=False))
 
     def after_round(self, run: Run, row: dict, clients: list[dict]) -> None:
         for name, rows in (("rounds.csv", [row]), ("clients.csv", clients)):
             path = self.out / name
-            pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+            with writing(path):
+                pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
     def on_end(self, run: Run, summary: dict) -> None:
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")

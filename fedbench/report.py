@@ -14,6 +14,7 @@ from rich.text import Text
 from fedbench.config import EXECUTION, FIELDS, load_toml
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
+from fedbench.observers import Inconsistent, check_rounds, read_logs
 from fedbench.plan import Plan
 
 MB = 1e6
@@ -91,10 +92,6 @@ class Comparison:
     cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs
 
 
-class Inconsistent(Exception):
-    """A run folder whose files are unreadable or disagree with each other."""
-
-
 def compare_runs(root: str | Path) -> Comparison:
     """Read every run folder under ``root`` (recursively); raises ConfigError if there is none."""
     root = Path(root)
@@ -115,11 +112,18 @@ def compare_runs(root: str | Path) -> Comparison:
     return Comparison(runs, curves, cell_stats(runs))
 
 
+def run_status(folder: Path) -> str:
+    """ok | failed | incomplete | corrupt: how ``report`` lists the run folder (``compare`` reruns all but ok)."""
+    return read_run(Path(folder))[0]["status"]
+
+
 def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
     """One run folder -> (its row, its per-round curve or None when it is not a finished, consistent run)."""
     row: dict = {"path": str(folder.resolve())}
     try:
         config = read_json_or_toml(folder / "config.toml")
+        if not isinstance(config.get("method"), str):
+            raise Inconsistent(f"config.toml method {config.get('method')!r} is not a method name")
         budget = budget_of(config)
         row |= {"method": config.get("method"), "seed": config.get("seed"), "budget": "+".join(f"{b:g}" for b in budget),
                 "budget_value": budget[0] if len(budget) == 1 else float("nan"),
@@ -127,7 +131,7 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
         if not (folder / "summary.json").exists():
             return row | unfinished(folder, config), None
         summary = read_json_or_toml(folder / "summary.json")
-        rounds, clients = read_csv(folder / "rounds.csv"), read_csv(folder / "clients.csv")
+        rounds, clients = read_logs(folder)
         consistent(config, summary, rounds, clients)
     except Inconsistent as e:
         return row | {"status": "corrupt", "problem": str(e)}, None
@@ -160,13 +164,6 @@ def read_json_or_toml(path: Path) -> dict:
     return data
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except (OSError, ValueError) as e:  # missing, empty or malformed
-        raise Inconsistent(f"{path.name} unreadable ({e})") from None
-
-
 def unfinished(folder: Path, config: dict) -> dict:
     failed = folder / "failed.json"
     if failed.exists():
@@ -187,23 +184,20 @@ def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.Da
     for key in ("method", "seed", "memory_budget"):
         if summary[key] != config.get(key):
             raise Inconsistent(f"summary.json {key} {summary[key]!r} differs from config.toml {config.get(key)!r}")
-    for name, frame, columns in (("rounds.csv", rounds, ("round", "accuracy", "violations", "clients", "bytes_down",
-                                                         "bytes_up")),
-                                 ("clients.csv", clients, ("round", "peak_bytes", "budget_bytes"))):
-        if not set(columns) <= set(frame.columns):
-            raise Inconsistent(f"{name} lacks columns {', '.join(sorted(set(columns) - set(frame.columns)))}")
-    if rounds["round"].tolist() != list(range(1, summary["rounds"] + 1)):
-        raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, summary.json says {summary['rounds']}")
+    for key in SUMMARY_KEYS[3:]:  # rounds and the measurements
+        value = summary[key]
+        number = isinstance(value, int if key == "rounds" else (int, float)) and not isinstance(value, bool)
+        if not number and not (key == "final_accuracy" and value is None):
+            raise Inconsistent(f"summary.json {key} {value!r} is not a number")
+    check_rounds(rounds, clients, summary["rounds"], "summary.json")
     evaluated = rounds["accuracy"].dropna()
     last = float(evaluated.iloc[-1]) if len(evaluated) else None
     final = summary["final_accuracy"]
     if (last is None) != (final is None) or (last is not None and abs(last - final) > 1e-9):
         raise Inconsistent(f"rounds.csv ends at accuracy {last}, summary.json says {final}")
-    violations, client_rounds = int(rounds["violations"].sum()), int(rounds["clients"].sum())
+    violations = int(rounds["violations"].sum())
     if violations != summary["violations"]:
         raise Inconsistent(f"rounds.csv has {violations} violations, summary.json says {summary['violations']}")
-    if len(clients) != client_rounds or set(clients["round"]) != set(rounds["round"]):
-        raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}")
 
 
 def label_rows(runs: pd.DataFrame) -> pd.DataFrame:

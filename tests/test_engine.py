@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from fedbench.checkpoint import Checkpointer, restore
 from fedbench.cli import app
 from fedbench.config import resolve
-from fedbench.engine import client_budgets, draw_budgets, prepare
+from fedbench.engine import Observer, client_budgets, draw_budgets, prepare
 from fedbench.observers import RunFiles
 from tests.conftest import small_run, timing_free
 
@@ -34,8 +34,14 @@ def test_resume_matches_uninterrupted_run_row_for_row(tmp_path):
     whole.execute([RunFiles(tmp_path / "whole")])
     part = small_run(rounds=4)
     folder = tmp_path / "part"
-    part.config = resolve({**part.config.to_dict(), "rounds": 2})
-    part.execute([RunFiles(folder), Checkpointer(folder, every=1)])
+
+    class Stop(Observer):  # interrupted after round 2, checkpointed every round
+        def after_round(self, run, row, clients):
+            if row["round"] == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        part.execute([RunFiles(folder), Checkpointer(folder, every=1), Stop()])
     resumed = small_run(rounds=4)
     restore(resumed, folder)
     assert resumed.start_round == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # One entry per tensor dimension: None (never sliced), a group name, or (group, repeat)
@@ -34,6 +35,23 @@ class Scaler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.rate if self.training and self.rate != 1.0 else x
+
+
+class PointwiseConv(nn.Conv2d):
+    """A bias-free 1x1 convolution (projection shortcuts) that samples a strided input first and
+    convolves at stride 1: the same values and gradients, with the sampled input a view of ``x``.
+
+    Why: oneDNN's strided 1x1 backward-weights kernel (torch 2.14.1, AVX-512 CPUs, 2+ threads)
+    corrupts the heap for 2-15 input channels in channels-last at odd batch sizes >= 3, i.e. the
+    narrow widths and ragged last batches of width methods (issue 13; tests/test_narrow_widths.py).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight)
 
 
 def _has_trainable(module: nn.Module) -> bool:

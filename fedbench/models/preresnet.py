@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbench.models import register_model
-from fedbench.models.base import FedModel, Scaler
+from fedbench.models.base import FedModel, PointwiseConv, Scaler
 from fedbench.models.resnet import ResNet20, norm, prev_group, resnet_layout
 
 
@@ -70,8 +70,7 @@ class PreActBlock(nn.Module):
         self.bn2 = norm(mid_w)
         self.conv2 = nn.Conv2d(mid_w, out_w, 3, 1, 1, bias=False)
         self.scale2 = Scaler(rate)
-        self.shortcut = (nn.Sequential(nn.Conv2d(in_w, out_w, 1, stride, bias=False), Scaler(rate))
-                         if project else None)
+        self.shortcut = nn.Sequential(PointwiseConv(in_w, out_w, stride), Scaler(rate)) if project else None
         self.out_w = out_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +128,7 @@ class HeteroBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_w, mid_w, 3, stride, 1, bias=False)
         self.n2 = norm(mid_w)
         self.conv2 = nn.Conv2d(mid_w, out_w, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(in_w, out_w, 1, stride, bias=False) if project else None
+        self.shortcut = PointwiseConv(in_w, out_w, stride) if project else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.n1(self.scaler(x)))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbench.models import register_model
-from fedbench.models.base import FedModel, Scaler
+from fedbench.models.base import FedModel, PointwiseConv, Scaler
 
 STAGES = (16, 32, 64)
 BLOCKS_PER_STAGE = 3
@@ -41,8 +41,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(mid_w, out_w, 3, 1, 1, bias=False)
         self.scale2, self.bn2 = Scaler(rate), norm(out_w)
         k = shortcut_kernel
-        self.shortcut = (nn.Sequential(nn.Conv2d(in_w, out_w, k, stride, k // 2, bias=False), Scaler(rate),
-                                       norm(out_w)) if project else None)
+        conv = PointwiseConv(in_w, out_w, stride) if k == 1 else nn.Conv2d(in_w, out_w, k, stride, k // 2, bias=False)
+        self.shortcut = nn.Sequential(conv, Scaler(rate), norm(out_w)) if project else None
         self.out_w = out_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

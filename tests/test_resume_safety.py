@@ -1,0 +1,299 @@
+"""Resume never mixes runs and never crashes late (issue 14, section 4): reused folders, stale checkpoints,
+damaged CSVs, --resume --rounds, Ctrl-C, a full disk, malformed run folders in report / compare, and a
+compare worker process that dies.
+
+Tiny runs on the synthetic data: 4 clients, 2 per round, 2-4 rounds of a CNN (about a second each).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedbench import checkpoint, compare
+from fedbench.cli import app
+from fedbench.compare import run_cell
+from fedbench.engine import Run
+from fedbench.observers import RunFiles
+
+TINY = ["--dataset", "synthetic", "--clients", "4", "--clients-per-round", "2", "--device", "cpu", "--quiet"]
+
+
+def fedbench(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line(result, code: int, *words: str) -> None:
+    """The CLI contract for refused input: exit code, one line on the terminal, naming ``words``."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code and len(lines) == 1, result.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rounds(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "rounds.csv").drop(columns="wall_s")
+
+
+def ctrl_c(monkeypatch, during: int, times: int = 1) -> None:
+    """A real Ctrl-C (SIGINT to this process), ``times`` over, while round ``during`` trains."""
+    train_round = Run.train_round
+
+    def interrupted(self, rnd, *args):
+        if rnd + 1 == during:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return train_round(self, rnd, *args)
+
+    monkeypatch.setattr(Run, "train_round", interrupted)
+
+
+def stop_after(monkeypatch, observer, rnd: int) -> None:
+    """A hard stop (kill -9) right after ``observer`` (RunFiles: the CSVs, Checkpointer) handled round ``rnd``."""
+    after_round = observer.after_round
+
+    def stop(self, run, row, clients):
+        after_round(self, run, row, clients)
+        if row["round"] == rnd:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(observer, "after_round", stop)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """The uninterrupted 4-round run that every interrupted and resumed one must match."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert fedbench("run", *TINY, "--rounds", "4", "--out", out).exit_code == 0
+    return out
+
+
+# --- a folder holds one run ------------------------------------------------------------------------
+def test_new_run_in_a_folder_holding_a_run_is_refused_unless_overwrite(whole, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    before = files(out)
+    one_line(fedbench("run", *TINY, "--seed", "1", "--out", out), 2, "--out", "already holds a run", "--overwrite")
+    one_line(fedbench("run", *TINY, "--lr", "-1", "--out", out, "--overwrite"), 2, "--lr")  # bad input deletes nothing
+    one_line(fedbench("run", "--resume", out, "--overwrite"), 2, "--overwrite", "--resume")
+    one_line(fedbench("run", "--resume", out, "--config", out / "config.toml"), 2, "--config", "--resume")
+    assert files(out) == before
+    (out / "failed.json").write_text("{}")  # left by a sweep
+    result = fedbench("run", *TINY, "--seed", "1", "--rounds", "2", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1 and len(rounds(out)) == 2
+    assert not (out / "failed.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_written_under_other_settings(whole, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    config = out / "config.toml"  # as another run, stopped before its first checkpoint, would leave the folder
+    config.write_text(config.read_text().replace("lr = 0.05", "lr = 0.1").replace("device = \"cpu\"", "device = \"auto\""))
+    before = files(out)
+    one_line(fedbench("run", "--resume", out), 2, "--resume", "other settings", "(lr)", "--overwrite")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]
+    torch.save(state, out / "checkpoint.pt")
+    config.write_text(before["config.toml"].decode().replace("lr = 0.1", "lr = 0.05"))
+    one_line(fedbench("run", "--resume", out), 2, "--resume", "records no settings")
+    assert {k: v for k, v in files(out).items() if k not in ("config.toml", "checkpoint.pt")} == \
+        {k: v for k, v in before.items() if k not in ("config.toml", "checkpoint.pt")}
+
+
+@pytest.mark.parametrize("n", [1, 4, 6])
+def test_resume_with_rounds_is_refused(whole, tmp_path, monkeypatch, n):
+    out = tmp_path / "run"
+    stop_after(monkeypatch, checkpoint.Checkpointer, 2)
+    assert fedbench("run", *TINY, "--rounds", "4", "--checkpoint-every", "1", "--out", out).exit_code == 130
+    monkeypatch.undo()
+    before = files(out)
+    one_line(fedbench("run", "--resume", out, "--rounds", n), 2, "--resume", "drop --rounds", "start a new run")
+    assert files(out) == before
+    assert fedbench("run", "--resume", out).exit_code == 0
+    pd.testing.assert_frame_equal(rounds(out), rounds(whole))
+
+
+# --- Ctrl-C and a full disk --------------------------------------------------------------------------
+def test_ctrl_c_checkpoints_the_round_and_resume_matches_the_whole_run(whole, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ctrl_c(monkeypatch, during=2)  # the default --checkpoint-every 0
+    result = fedbench("run", *TINY, "--rounds", "4", "--out", out)
+    assert result.exit_code == 130 and f"fedbench run --resume {out}" in result.output, result.output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2 and len(rounds(out)) == 2
+    monkeypatch.undo()
+    assert fedbench("run", "--resume", out).exit_code == 0
+    pd.testing.assert_frame_equal(rounds(out), rounds(whole))
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ctrl_c(monkeypatch, during=2, times=2)
+    result = fedbench("run", *TINY, "--rounds", "4", "--out", out)
+    assert result.exit_code == 130 and "nothing to resume" in result.output, result.output
+    assert not (out / "checkpoint.pt").exists() and len(rounds(out)) == 1
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_leaves_no_tmp(whole, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):  # round 1 saved; round 2 runs out of space half-way
+        if obj["round"] == 1:
+            return save(obj, f, *args, **kwargs)
+        (open(f, "wb") if isinstance(f, (str, Path)) else f).write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    result = fedbench("run", *TINY, "--rounds", "4", "--checkpoint-every", "1", "--out", out)
+    one_line(result, 2, "--out", "checkpoint.pt", "No space left on device", "previous version is kept")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    assert fedbench("run", "--resume", out).exit_code == 0  # rounds.csv holds round 2 too: cut back to round 1
+    pd.testing.assert_frame_equal(rounds(out), rounds(whole))
+
+
+# --- damaged CSVs: repaired to the checkpoint or refused, before any training ---------------------
+def test_partial_last_lines_after_the_checkpoint_are_repaired(tmp_path, monkeypatch):
+    """A write cut short in round 11 (checkpoint at 10): "1" left of its line must not read as round 1."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert fedbench("run", *TINY, "--rounds", "12", "--eval-every", "4", "--out", whole).exit_code == 0
+    stop_after(monkeypatch, RunFiles, 11)
+    assert fedbench("run", *TINY, "--rounds", "12", "--eval-every", "4", "--checkpoint-every", "10",
+                    "--out", out).exit_code == 130
+    monkeypatch.undo()
+    for name in ("rounds.csv", "clients.csv"):
+        text = (out / name).read_text()
+        (out / name).write_text(text[:text.rstrip("\n").rfind("\n") + 2])  # the last line cut after "1"
+    result = fedbench("run", "--resume", out)
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(rounds(out), rounds(whole))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "clients.csv"), pd.read_csv(whole / "clients.csv"))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda lines: lines[:-1] + [lines[-1][:12]], "rounds.csv has 2 rounds, checkpoint.pt says 3"),  # round 3 cut
+    (lambda lines: lines[:2] + lines[3:], "rounds.csv has 2 rounds, checkpoint.pt says 3"),          # round 2 lost
+    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[5], "abc", 1)] + lines[3:],
+     "rounds.csv has missing or non-numeric values in bytes_down"),                               # round 2 damaged
+])
+def test_csv_lacking_a_checkpointed_round_is_refused_before_training(tmp_path, monkeypatch, damage, problem):
+    out = tmp_path / "run"
+    stop_after(monkeypatch, checkpoint.Checkpointer, 3)
+    assert fedbench("run", *TINY, "--rounds", "4", "--checkpoint-every", "1", "--out", out).exit_code == 130
+    monkeypatch.undo()
+    path = out / "rounds.csv"
+    path.write_text("".join(damage(path.read_text().splitlines(keepends=True))))
+    before = files(out)
+    one_line(fedbench("run", "--resume", out), 2, "--resume", problem, "--overwrite")
+    assert files(out) == before
+
+
+# --- report and compare agree on what is corrupt ----------------------------------------------------
+GRID = ["--methods", "fedavg", "--memory-budget", "0.5,1", "--rounds", "2", *TINY[:-1]]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    result = fedbench("compare", *GRID, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def edit_json(key, value):
+    def edit(folder):
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps(summary | {key: value}))
+    return edit
+
+
+def edit_csv(name, column, value):
+    def edit(folder):
+        frame = pd.read_csv(folder / name)
+        frame[column] = frame[column].astype(object)
+        frame.loc[0, column] = value
+        frame.to_csv(folder / name, index=False)
+    return edit
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (edit_json("final_accuracy", "abc"), "summary.json final_accuracy 'abc' is not a number"),
+    (edit_json("rounds", "2"), "summary.json rounds '2' is not a number"),
+    (edit_json("violations", None), "summary.json violations None is not a number"),
+    (edit_csv("rounds.csv", "bytes_down", "abc"), "rounds.csv has missing or non-numeric values in bytes_down"),
+    (edit_csv("rounds.csv", "violations", ""), "rounds.csv has missing or non-numeric values in violations"),
+    (edit_csv("clients.csv", "peak_bytes", "12x"), "clients.csv has missing or non-numeric values in peak_bytes"),
+])
+def test_report_lists_a_malformed_run_as_corrupt_and_compare_reruns_it(sweep, tmp_path, monkeypatch, edit, problem):
+    out = tmp_path / "sweep"
+    shutil.copytree(sweep, out)
+    edit(out / "fedavg/b0.5/s0")
+    result = fedbench("report", out)
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "report/runs.csv").set_index("folder")
+    assert runs["status"].to_dict() == {"fedavg/b0.5/s0": "corrupt", "fedavg/b1/s0": "ok"}
+    assert runs.loc["fedavg/b0.5/s0", "problem"] == problem
+    ran = []
+    monkeypatch.setattr(compare, "run_cell", lambda cell: ran.append(cell.name) or run_cell(cell))
+    result = fedbench("compare", *GRID, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert ran == ["fedavg/b0.5/s0"]
+    assert (pd.read_csv(out / "report/runs.csv")["status"] == "ok").all()
+    pd.testing.assert_frame_equal(rounds(out / "fedavg/b0.5/s0"), rounds(sweep / "fedavg/b0.5/s0"))
+
+
+def test_ctrl_c_in_a_sweep_checkpoints_the_cell_in_progress(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    grid = [*GRID[:4], "--rounds", "3", *GRID[6:], "--out", out]
+    ctrl_c(monkeypatch, during=2)  # in the first cell; the default --checkpoint-every 0
+    result = fedbench("compare", *grid)
+    assert result.exit_code == 130 and "rerun the same command to continue" in result.output, result.output
+    cell = out / "fedavg/b0.5/s0"
+    assert torch.load(cell / "checkpoint.pt", weights_only=True)["round"] == 2 and not (out / "fedavg/b1/s0").exists()
+    monkeypatch.undo()
+    done = pd.read_csv(cell / "rounds.csv")
+    assert fedbench("compare", *grid).exit_code == 0
+    assert pd.read_csv(cell / "rounds.csv")["wall_s"][:2].tolist() == done["wall_s"].tolist()  # continued
+
+
+# --- compare --jobs: a worker that dies fails only its cell -----------------------------------------
+def die_in_the_first_cell(cell):
+    """Runs in a compare worker process (imported there by name): killed as if out of memory."""
+    if cell.name == "fedavg/b0.25/s0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run_cell(cell)
+
+
+def test_a_dead_worker_fails_only_its_cell_and_a_rerun_redoes_it(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    grid = [*GRID[:2], "--memory-budget", "0.25,0.5,1", *GRID[4:], "--out", out]
+    monkeypatch.setattr(compare, "run_cell", die_in_the_first_cell)
+    result = fedbench("compare", *grid, "--jobs", "2")
+    assert result.exit_code == 1, result.output
+    assert "FAILED fedavg/b0.25/s0: worker process died" in result.output
+    assert "the worker process of 1 cell(s) died (fedavg/b0.25/s0): rerun the same command" in result.output
+    assert sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json")) == \
+        ["fedavg/b0.5/s0", "fedavg/b1/s0"]
+    runs = pd.read_csv(out / "report/runs.csv").set_index("folder")
+    assert runs.loc["fedavg/b0.25/s0", "status"] == "failed"
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    ran = []
+    monkeypatch.setattr(compare, "run_cell", lambda cell: ran.append(cell.name) or run_cell(cell))
+    result = fedbench("compare", *grid)
+    assert result.exit_code == 0, result.output
+    assert ran == ["fedavg/b0.25/s0"]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert (pd.read_csv(out / "report/runs.csv")["status"] == "ok").all()
