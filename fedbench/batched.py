@@ -9,9 +9,9 @@ equals it within float tolerance.
 
 Clients hold different numbers of samples (non-IID partitions) and their last batch is smaller,
 so the steps run in lock-step and, at each step, the clients still training are grouped by their
-batch size. Only methods that train with the default loop apply: ``Method.local_train`` and
-``Method.trainer`` not overridden, a ``loss`` that is a pure function of its arguments (per-client
-tensors come through ``Method.client_inputs``), and no randomness inside the model.
+batch size. Only methods that declare ``Method.trains_batched`` apply: they train with the default
+loop (``Method.local_train`` and ``Method.trainer``), a ``loss`` that is a pure function of its
+arguments (per-client tensors come through ``Method.client_inputs``), and no randomness inside the model.
 """
 from __future__ import annotations
 
@@ -29,11 +29,6 @@ from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 
 State = dict[str, torch.Tensor]
-
-
-def supports(cls: type[Method]) -> bool:
-    """True when the method trains with the default loop and SGD trainer (see the module docstring)."""
-    return cls.local_train is Method.local_train and cls.trainer is Method.trainer
 
 
 class _Objective(nn.Module):

@@ -1,14 +1,27 @@
-"""Memory budgets: fractions of the full model's measured training memory, turned into configurations."""
+"""Memory budgets: fractions of the full model's measured training memory (DESIGN.md, "Memory budgets").
+
+Which client gets which fraction (``client_budgets``, ``draw_budgets``: the engine's), and how a
+method fits a configuration to one (``fit_largest``, ``too_small``: the budgeted methods').
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from fedbench.errors import ConfigError
+from fedbench.seeding import derive
 
 T = TypeVar("T")
 
-WIDTHS = tuple(k / 64 for k in range(1, 65))  # the width grid searched by width-based methods
+
+def client_budgets(fractions: Sequence[float], clients: int) -> list[float]:
+    """Equal groups by client index: client c gets fractions[c * len(fractions) // clients]."""
+    return [fractions[c * len(fractions) // clients] for c in range(clients)]
+
+
+def draw_budgets(fractions: Sequence[float], clients: int, seed: int, rnd: int) -> list[float]:
+    """FedRolex's "dynamic" capacities: each client's budget drawn uniformly from the list every round."""
+    return [fractions[derive(seed, "budget", rnd, c) % len(fractions)] for c in range(clients)]
 
 
 def fit_largest(candidates: Sequence[T], memory: Callable[[T], int], budget: float) -> T | None:
@@ -31,3 +44,8 @@ def too_small(fraction: float, smallest: int, full: int, what: str) -> ConfigErr
     return ConfigError("--memory-budget", f"{fraction:g} is below the smallest configuration {what}, which "
                        f"measures {smallest / full:.3f} of the full model's training memory; "
                        f"allowed: budgets >= {smallest / full:.3f}")
+
+
+def budget_order(labels) -> list[str]:
+    """Budget labels ('0.25', or '0.125+0.5' for a mixed-budget run) in numeric order."""
+    return sorted(set(labels), key=lambda b: [float(v) for v in b.split("+")])

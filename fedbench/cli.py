@@ -1,8 +1,17 @@
-"""``fedbench``: thin Typer commands over plain functions, one error boundary (exit code 2)."""
+"""``fedbench``: thin Typer commands over plain functions, one error boundary (exit code 2).
+
+The options of ``run``, ``compare`` and ``profile`` are derived from the settings' declarations
+(``fedbench.config``, each method's ``Options``, each model's keywords), never restated here.
+Exit codes: 0 done, 1 a sweep with failed cells (``compare``), 2 bad input (one line, nothing
+written), 3 training diverged (``run``), 130 interrupted.
+"""
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import sys
+import tempfile
 from contextlib import nullcontext
 from datetime import datetime
 from functools import wraps
@@ -12,16 +21,23 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from fedbench.config import RUN
 from fedbench.errors import ConfigError
+from fedbench.settings import flag
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Benchmark memory-constrained federated-learning methods on one simulation engine.")
 # Piped output (logs, CI) gets wide tables instead of rich's 80 columns, which would truncate their cells.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+# No rich markup: what is printed holds user text (paths, names, values), which must show as given.
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # unknown options: refused in one line
+OPTIONS_PANEL = "Method and model options"
+COMPARE_SETTINGS = tuple(k for k in RUN if k not in ("method", "memory_budget", "seed", "out", "quiet"))
+PROFILE_SETTINGS = ("method", "dataset", "data_dir", "model", "memory_budget", "batch_size", "rounds", "device", "seed")
 
 
 def show_version(value: bool) -> None:
@@ -70,85 +86,102 @@ def boundary(fn):
         try:
             return fn(*args, **kwargs)
         except ConfigError as e:
-            err.print(f"[red]error:[/red] {e.flag}: {e.message}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "red"), f" {e.flag}: {e.message}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
 
-def parse_extra(args: list[str]) -> dict[str, object]:
-    """Method/model options given as ``--key value``, ``--key=value`` or a bare ``--flag`` (true)."""
-    options: dict[str, object] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            raise ConfigError(arg, "unexpected argument; method and model options are given as --key value")
-        key, _, value = arg[2:].partition("=")
-        if not value:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value, i = args[i + 1], i + 1
-            else:
-                value = "true"
-        options[key.replace("-", "_")] = value
-        i += 1
-    return options
+# --- options derived from the declarations -----------------------------------------------------
+def settings_of(*names: str):
+    """Give the decorated command an option for each named run setting and for every method and model option;
+    it receives them as ``**settings`` (text as given; None, or False for a switch, when not given)."""
+    from fedbench.config import option_specs
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        derived = [option(RUN[n]) for n in names] + [option(o[0][1], o) for o in option_specs().values()]
+        fn.__signature__ = sig.replace(parameters=own + derived)
+        return fn
+    return decorate
 
 
-Method = Annotated[Optional[str], typer.Option(help="FL method (see `fedbench methods`).")]
-Dataset = Annotated[Optional[str], typer.Option(help="fmnist-mini (embedded), fashion-mnist, mnist, cifar10, cifar100, synthetic, imagefolder:PATH.")]
-DataDir = Annotated[Optional[str], typer.Option(help="Folder with the dataset files (downloaded there when online).")]
-Model = Annotated[Optional[str], typer.Option(help="cnn, resnet20, ... (default: cnn for 1-channel data, else resnet20).")]
-Budget = Annotated[Optional[str], typer.Option(help="Fraction(s) of the full model's measured training memory; a comma list splits clients into equal groups.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Local mini-batch size.")]
+def option(spec, owners: list[tuple[str, object]] = ()) -> inspect.Parameter:
+    """The Typer option of a declared setting: its type or choices as the metavar, default and bounds in the help;
+    a method or model option names its owners (and each one's default where they differ)."""
+    def shown(default) -> str:
+        if isinstance(default, bool):
+            return str(default).lower()
+        return ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else str(default)
+
+    if spec.base is bool and not owners:  # a switch of the run: --quiet
+        info = typer.Option(flag(spec.name), help=spec.help)
+        return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, info])
+    defaults: dict[str, list[str]] = {}
+    for owner, s in owners or [("", spec)]:
+        defaults.setdefault(shown(s.default), []).append(owner)
+    default = next(iter(defaults)) if len(defaults) == 1 else "; ".join(f"{d} ({', '.join(o)})" for d, o in defaults.items())
+    bounds = f" ({spec.range})" if spec.base in (int, float) and str(spec.range) else ""
+    whose = ", ".join(o for o, _ in owners)
+    text = (f"{whose}: {spec.help}" if whose and spec.help else whose or spec.help) + bounds
+    metavar = ("[" + "|".join(spec.choices) + "]" if spec.choices else
+               {bool: "BOOLEAN", int: "INTEGER", float: "FLOAT", tuple: "FLOAT[,FLOAT...]"}.get(spec.base, "TEXT"))
+    info = typer.Option(flag(spec.name), help=text, metavar=metavar,
+                        show_default=default if spec.default is not None else False,
+                        rich_help_panel=OPTIONS_PANEL if owners else None)
+    return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[str], info])
+
+
+def given(ctx: typer.Context, settings: dict) -> dict:
+    """The derived options as typed values (None: not given); an argument that is no option is refused."""
+    from fedbench.config import from_text
+
+    if ctx.args:
+        near = difflib.get_close_matches(ctx.args[0], [o for p in ctx.command.params for o in p.opts], 1)
+        raise ConfigError(ctx.args[0], f"not an option of fedbench {ctx.info_name}"
+                          + (f" (did you mean {near[0]}?)" if near else "")
+                          + f"; allowed: the options `fedbench {ctx.info_name} -h` lists")
+    return from_text({k: (v or None) if isinstance(v, bool) else v for k, v in settings.items()})
+
+
+def writable(folder: Path, flag: str) -> None:
+    """Refuse, before any set-up, a folder that cannot be written: one that is, or would lie under, a file, or
+    whose nearest existing folder refuses a new entry (tried with a temporary folder, removed at once)."""
+    folder = Path(folder).absolute()
+    try:
+        there = next(p for p in (folder, *folder.parents) if p.exists())
+        if there.is_dir():
+            tempfile.TemporaryDirectory(dir=there).cleanup()
+    except OSError as e:
+        raise ConfigError(flag, f"cannot write in {folder} ({e.strerror or e}); allowed: a writable folder") from None
+    if not there.is_dir():
+        raise ConfigError(flag, f"{there} is a file" + ("" if there == folder else f", so {folder} cannot be created")
+                          + "; allowed: a folder")
+
+
 Config = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as the flags; flags win.")]
-Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
-Seed = Annotated[Optional[int], typer.Option(help="Fixes partition, sampling, init and training order.")]
 
 
+# --- commands ----------------------------------------------------------------------------------
 @app.command(context_settings=EXTRA)
 @boundary
+@settings_of(*RUN)
 def run(ctx: typer.Context,
-        method: Method = None, dataset: Dataset = None, data_dir: DataDir = None, model: Model = None,
-        clients: Annotated[Optional[int], typer.Option(help="Number of clients.")] = None,
-        clients_per_round: Annotated[Optional[int], typer.Option(help="Clients sampled each round.")] = None,
-        rounds: Annotated[Optional[int], typer.Option(help="Communication rounds.")] = None,
-        local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round (per step).")] = None,
-        batch_size: BatchSize = None,
-        lr: Annotated[Optional[float], typer.Option(help="Client learning rate.")] = None,
-        momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
-        weight_decay: Annotated[Optional[float], typer.Option(help="SGD weight decay.")] = None,
-        lr_schedule: Annotated[Optional[str], typer.Option(help="const or cosine (over rounds).")] = None,
-        partition: Annotated[Optional[str], typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = None,
-        augment: Annotated[Optional[str], typer.Option(help="Training augmentation: auto (pad-4 crop + flip for colour images up to 64 px, none for grey ones), none or crop-flip.")] = None,
-        memory_budget: Budget = None,
-        budget_assignment: Annotated[Optional[str], typer.Option(help="fixed (equal client groups) or per-round (each client's budget drawn from the list every round).")] = None,
-        eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N rounds (and after the last).")] = None,
-        weighting: Annotated[Optional[str], typer.Option(help="Masked-mean weights: samples or uniform.")] = None,
-        client_state: Annotated[Optional[str], typer.Option(help="stateless (everything sent each round) or stateful (only changes) for bytes down.")] = None,
-        device: Device = None, seed: Seed = None,
-        client_batching: Annotated[Optional[str], typer.Option(help="on: clients that share a plan shape train together (vmap; same results within float tolerance); off: one at a time; auto: on on a GPU, off on a CPU.")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="Run folder (default results/runs/<method>-<timestamp>).")] = None,
-        checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N rounds (0: only at the end and on Ctrl-C).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (its files are removed first).")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary table.")] = False,
-        config: Config = None) -> None:
-    """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json."""
+        config: Config = None, **settings) -> None:
+    """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json.
 
+    Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round.
+    """
     from fedbench.checkpoint import Checkpointer, clear, held_files, restore, stop_on_interrupt
     from fedbench.config import resolve
     from fedbench.distributed import from_env
     from fedbench.engine import prepare
     from fedbench.observers import Live, RunFiles
 
-    flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, clients=clients,
-                 clients_per_round=clients_per_round, rounds=rounds, local_epochs=local_epochs,
-                 batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                 lr_schedule=lr_schedule, partition=partition, augment=augment, memory_budget=memory_budget,
-                 budget_assignment=budget_assignment,
-                 eval_every=eval_every, weighting=weighting, client_state=client_state, device=device,
-                 client_batching=client_batching, seed=seed, out=str(out) if out else None, quiet=quiet or None,
-                 checkpoint_every=checkpoint_every, **parse_extra(ctx.args))
+    flags = given(ctx, settings)
     if resume is not None:
         if overwrite or config is not None:
             raise ConfigError("--overwrite" if overwrite else "--config",
@@ -158,10 +191,13 @@ def run(ctx: typer.Context,
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
     main = group is None or group.main
+    if main:
+        writable(folder, "--out")
     held = held_files(folder) if resume is None and not overwrite and main else []
     if held:
         raise ConfigError("--out", f"{folder} already holds a run ({', '.join(held)}); continue it with --resume "
                                    f"{folder}, replace it with --overwrite, or choose another --out")
+    warn_unbudgeted(cfg)
     with measuring(not cfg.quiet and main):  # not on the other torchrun processes
         runner = prepare(cfg, group=group)
     if resume is not None:
@@ -174,14 +210,30 @@ def run(ctx: typer.Context,
                                                                 "(Ctrl-C again: stop at once)"))
     try:  # under torchrun every process gets the Ctrl-C and stops at once
         with stopping if group is None else nullcontext():
-            runner.execute(observers)
+            summary = runner.execute(observers)
     except KeyboardInterrupt:
         resumable = (f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
                      if checkpoints.saved else "no round was checkpointed, nothing to resume")
         err.print(f"interrupted after round {runner.completed}; {resumable}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    if summary["status"] == "diverged":
+        err.print(f"diverged: the train loss of round {summary['diverged_round']} is {runner.rows[-1]['train_loss']} "
+                  f"(not finite); the run stopped there and {folder / 'summary.json'} says status diverged "
+                  "(a smaller --lr may help)", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
     if not cfg.quiet and main:
-        err.print(f"results: {folder}")
+        err.print(f"results: {folder}", highlight=False)
+
+
+def warn_unbudgeted(cfg) -> None:
+    """One line when a budget is given to a method that ignores budgets: the run records it as unbudgeted."""
+    from fedbench.engine import unbudgeted
+    from fedbench.registry import get_method
+
+    if unbudgeted(get_method(cfg.method)) and cfg.memory_budget != (1.0,):
+        err.print(f"warning: {cfg.method} fits nothing to a memory budget (self-supervised, not budgeted): "
+                  f"--memory-budget {','.join(f'{b:g}' for b in cfg.memory_budget)} is recorded as unbudgeted, "
+                  "no client-round counts as over budget", highlight=False, soft_wrap=True)
 
 
 def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
@@ -193,68 +245,70 @@ def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
     given = {k for k, v in flags.items() if v is not None} - {"quiet"}
     if given:
         raise ConfigError("--resume", f"continues the run exactly as {path} says; drop "
-                                      f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}"
+                                      f"{', '.join(flag(k) for k in sorted(given))}"
                                       + (" (to train longer, start a new run)" if "rounds" in given else ""))
     return path, {"quiet": flags["quiet"], "out": str(folder)}
 
 
 @app.command()
-def methods() -> None:
-    """List every registered method with a one-line description and its paper."""
-    from fedbench.registry import list_methods
+@boundary
+def methods(name: Annotated[Optional[str], typer.Argument(help="A method: its options, paper and deviations.")] = None) -> None:
+    """List every registered method with a one-line description and its paper; with NAME, that method's
+    options (type, default, allowed values), paper and documented deviations."""
+    from fedbench.registry import get_method, list_methods
 
+    if name is not None:
+        return describe_method(get_method(name))
     table = Table("method", "description", "paper")
     for m in list_methods():
         table.add_row(m.name, m.description, m.paper)
     out.print(table)
 
 
+def describe_method(method) -> None:
+    from fedbench.settings import specs
+
+    out.print(f"{method.name}: {method.description}\npaper: {method.paper}", highlight=False)
+    options = specs(method.Options).values()
+    if options:
+        table = Table("option", "type", "default", "allowed", "meaning", title=f"options of {method.name}")
+        for s in options:
+            table.add_row(flag(s.name), "choice" if s.choices else s.base.__name__, str(s.default), s.allowed, s.help)
+        out.print(table)
+    else:
+        out.print(f"{method.name} has no options of its own", highlight=False)
+    doc = method.__dict__.get("__doc__") or sys.modules[method.__module__].__doc__  # the paper and each deviation
+    if doc:
+        out.print(inspect.cleandoc(doc), highlight=False)
+
+
 @app.command(context_settings=EXTRA)
 @boundary
-def profile(ctx: typer.Context,
-            method: Method = None, dataset: Dataset = None, data_dir: DataDir = None, model: Model = None,
-            memory_budget: Budget = None, batch_size: BatchSize = None,
-            rounds: Annotated[Optional[int], typer.Option(help="Rounds (for methods whose schedule depends on them).")] = None,
-            device: Device = None, seed: Seed = None, config: Config = None,
-            csv: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None) -> None:
+@settings_of(*PROFILE_SETTINGS)
+def profile(ctx: typer.Context, config: Config = None,
+            csv: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None, **settings) -> None:
     """Measure training memory, FLOPs and bytes of each configuration; no training."""
     from fedbench.config import resolve
     from fedbench.engine import prepare
     from fedbench.report import profile_rows, render_profile
 
-    flags = dict(method=method, dataset=dataset, data_dir=data_dir, model=model, memory_budget=memory_budget,
-                 batch_size=batch_size, rounds=rounds, device=device, seed=seed, **parse_extra(ctx.args))
+    cfg = resolve(given(ctx, settings), config)
+    if csv is not None:
+        if csv.is_dir():
+            raise ConfigError("--csv", f"{csv} is a folder; allowed: a file name")
+        writable(csv.parent, "--csv")
     with measuring(True):
-        runner = prepare(resolve(flags, config), shapes_only=True)
+        runner = prepare(cfg, shapes_only=True)
         rows = profile_rows(runner)
     out.print(render_profile(runner, rows))
     if csv:
+        csv.parent.mkdir(parents=True, exist_ok=True)
         rows.to_csv(csv, index=False)
-
-
-RUN_SETTINGS = ("dataset", "data_dir", "model", "clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
-                "lr", "momentum", "weight_decay", "lr_schedule", "partition", "augment", "budget_assignment", "eval_every", "weighting", "client_state",
-                "device", "client_batching", "checkpoint_every")
-
-
-def options_of(command, names: tuple[str, ...]):
-    """Give the decorated command these options of ``command``: declared once, shared (keyword-only)."""
-    import inspect
-
-    shared = inspect.signature(command, eval_str=True).parameters
-
-    def decorate(fn):
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        extra = [shared[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
-        fn.__signature__ = sig.replace(parameters=own + extra)
-        return fn
-    return decorate
 
 
 @app.command(context_settings=EXTRA)
 @boundary
-@options_of(run, RUN_SETTINGS)
+@settings_of(*COMPARE_SETTINGS)
 def compare(ctx: typer.Context,
             methods: Annotated[Optional[str], typer.Option(help="Comma list of methods, or all (every registered one).")] = None,
             memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory): each cell gives ONE of them to all its clients.")] = None,
@@ -269,13 +323,16 @@ def compare(ctx: typer.Context,
     from fedbench.compare import check_cells, grid, load_sweep, sweep
     from fedbench.distributed import from_env
 
-    flags = settings | parse_extra(ctx.args) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
-                                                    out=str(out) if out else None, jobs=jobs)
-    todo = grid(load_sweep(flags, config, preset))
+    flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
+                                        out=str(out) if out else None, jobs=jobs)
+    spec = load_sweep(flags, config, preset)
+    if isinstance(spec.get("out"), str):
+        writable(Path(spec["out"]), "--out")
+    todo = grid(spec)
     group = from_env()  # under torchrun: the processes share the cells; the first one reports
     if group is None or group.main:
         err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
-                  f"finished" + (f"; {group.size} processes share the rest" if group else ""))
+                  f"finished" + (f"; {group.size} processes share the rest" if group else ""), highlight=False)
     try:
         outcomes = sweep(todo, print_outcome, group)
     except KeyboardInterrupt:
@@ -314,7 +371,7 @@ def show_comparison(root: Path):
     write_comparison(comparison, root / "report")
     for table in render_comparison(comparison):
         out.print(table)
-    err.print(f"tables and plots: {root / 'report'}")
+    err.print(f"tables and plots: {root / 'report'}", highlight=False)
     return comparison
 
 

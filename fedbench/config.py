@@ -1,10 +1,16 @@
-"""RunConfig: CLI flags > ``--config`` TOML > defaults, resolved and validated once."""
+"""RunConfig: every run setting declared once (type, default, allowed values, help: ``fedbench.settings``),
+resolved as CLI flags > ``--config`` TOML > defaults and validated once.
+
+The CLI options of ``run``/``compare``/``profile`` (``fedbench.cli``), the checks of TOML and flag values,
+config.toml and the help text are all derived from these declarations; a method's options likewise from
+its ``Options`` dataclass, a model's from the keyword defaults of its factory.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 try:
     import tomllib
@@ -12,6 +18,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from fedbench.errors import ConfigError
+from fedbench.settings import Range, Spec, check, flag, parse, specs
 
 if TYPE_CHECKING:
     from fedbench.data import Dataset
@@ -19,32 +26,42 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "fedavg"
-    dataset: str = "fmnist-mini"
-    data_dir: str | None = None
-    model: str | None = None              # None: the method's preferred model, else cnn for 1-channel data, else resnet20
-    clients: int = 100
-    clients_per_round: int = 10
-    rounds: int = 40
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "const"
-    partition: str = "iid"
-    augment: str = "auto"                 # auto: crop-flip for colour images up to 64 px, else none (data.auto_augment)
-    memory_budget: tuple[float, ...] = (1.0,)
-    budget_assignment: str = "fixed"      # fixed: equal client groups; per-round: drawn from the list each round
-    eval_every: int = 5
-    device: str = "auto"
-    seed: int = 0
-    weighting: str = "samples"            # masked-mean weights: client samples or uniform
-    client_state: str = "stateless"       # stateless: everything re-sent each round; stateful: only what changed
-    checkpoint_every: int = 0             # 0: a checkpoint only at the end
-    client_batching: str = "auto"         # on: clients sharing a plan shape train together (vmap); off; auto: on on GPUs
-    out: str | None = None
-    quiet: bool = False
+    method: Annotated[str, "FL method (see `fedbench methods`)."] = "fedavg"
+    dataset: Annotated[str, "fmnist-mini (embedded), fashion-mnist, mnist, cifar10, cifar100, synthetic[:CxS:N], "
+                            "imagefolder:PATH."] = "fmnist-mini"
+    data_dir: Annotated[str | None, "Folder with the dataset files (downloaded there when online)."] = None
+    model: Annotated[str | None, "cnn, resnet20, ... (default: the method's preferred model, else cnn for "
+                                 "1-channel data, else resnet20)."] = None
+    clients: Annotated[int, Range(ge=1, le=10_000_000), "Number of clients."] = 100
+    clients_per_round: Annotated[int, Range(ge=1, le=10_000_000), "Clients sampled each round."] = 10
+    rounds: Annotated[int, Range(ge=1, le=1_000_000), "Communication rounds."] = 40
+    local_epochs: Annotated[int, Range(ge=1, le=10_000), "Local epochs per round (per step)."] = 1
+    batch_size: Annotated[int, Range(ge=1, le=10_000_000), "Local mini-batch size (a client with fewer samples "
+                                                           "uses them all)."] = 32
+    lr: Annotated[float, Range(gt=0, le=100), "Client learning rate."] = 0.05
+    momentum: Annotated[float, Range(ge=0, lt=1), "SGD momentum."] = 0.9
+    weight_decay: Annotated[float, Range(ge=0, le=1), "SGD weight decay."] = 5e-4
+    lr_schedule: Annotated[Literal["const", "cosine"], "Learning rate over the rounds."] = "const"
+    partition: Annotated[str, "iid, dirichlet:ALPHA or shards:K."] = "iid"
+    augment: Annotated[Literal["auto", "none", "crop-flip"], "Training augmentation: auto (pad-4 crop + flip for "
+                       "colour images up to 64 px, none for grey ones), none or crop-flip."] = "auto"
+    memory_budget: Annotated[tuple[float, ...], "Fraction(s) of the full model's measured training memory; a comma "
+                                                "list splits clients into equal groups."] = (1.0,)
+    budget_assignment: Annotated[Literal["fixed", "per-round"], "fixed (equal client groups) or per-round (each "
+                                 "client's budget drawn from the list every round)."] = "fixed"
+    eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
+    device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1), "Fixes partition, sampling, init and training order."] = 0
+    weighting: Annotated[Literal["samples", "uniform"], "Masked-mean weights of the clients."] = "samples"
+    client_state: Annotated[Literal["stateless", "stateful"], "Bytes down: stateless (everything sent each round) "
+                            "or stateful (only what changed)."] = "stateless"
+    checkpoint_every: Annotated[int, Range(ge=0, le=1_000_000), "Checkpoint every N rounds (0: only at the end and "
+                                                                "on Ctrl-C)."] = 0
+    client_batching: Annotated[Literal["auto", "on", "off"], "on: clients that share a plan shape train together "
+                               "(vmap; same results within float tolerance); off: one at a time; auto: on on a "
+                               "GPU, off on a CPU."] = "auto"
+    out: Annotated[str | None, "Run folder (default results/runs/<method>-<timestamp>)."] = None
+    quiet: Annotated[bool, "No progress bar and no summary table."] = False
     options: dict[str, Any] = field(default_factory=dict)  # method- and model-specific keys
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,18 +70,38 @@ class RunConfig:
         return {k: v for k, v in d.items() if v is not None}
 
 
-CHOICES = {"lr_schedule": ("const", "cosine"), "budget_assignment": ("fixed", "per-round"), "device": ("auto", "cpu", "cuda"),
-           "weighting": ("samples", "uniform"), "client_state": ("stateless", "stateful"),
-           "client_batching": ("auto", "on", "off"), "augment": ("auto", "none", "crop-flip")}
-POSITIVE_INT = ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
-FIELDS = {f.name for f in fields(RunConfig)} - {"options"}
+RUN = {k: s for k, s in specs(RunConfig).items() if k != "options"}  # the run settings
+FIELDS = set(RUN)
 # How a run executes, not what it computes (results equal within float tolerance): may differ between the
 # runs of one table and when a run is continued.
 EXECUTION = {"out", "quiet", "checkpoint_every", "device", "client_batching"}
 
 
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+def model_specs(name: str) -> dict[str, Spec]:
+    """A model's own options (e.g. vit-tiny's ``depth``), typed like their defaults."""
+    from fedbench.models import model_options
+    return {k: Spec(k, type(v), v) for k, v in model_options(name).items()}
+
+
+def option_specs() -> dict[str, list[tuple[str, Spec]]]:
+    """Every method and model option: name -> [(owner, declaration)], e.g. tau -> [("fedssl", ...), ...]."""
+    from fedbench.models import list_models
+    from fedbench.registry import list_methods
+
+    out: dict[str, list[tuple[str, Spec]]] = {}
+    for method in list_methods():
+        for name, spec in specs(method.Options).items():
+            out.setdefault(name, []).append((method.name, spec))
+    for model in list_models():
+        for name, spec in model_specs(model).items():
+            out.setdefault(name, []).append((f"model {model}", spec))
+    return out
+
+
+def from_text(flags: dict[str, Any]) -> dict[str, Any]:
+    """Command-line flags (text, or None when not given) -> typed values, by each setting's declaration."""
+    known = RUN | {name: owners[0][1] for name, owners in option_specs().items()}
+    return {k: parse(known[k], v) if isinstance(v, str) and k in known else v for k, v in flags.items()}
 
 
 def parse_budget(value: Any) -> tuple[float, ...]:
@@ -72,7 +109,7 @@ def parse_budget(value: Any) -> tuple[float, ...]:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
         budgets = tuple(float(v) for v in items)
-    except ValueError:
+    except (TypeError, ValueError):
         budgets = ()
     if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
         raise ConfigError("--memory-budget", f"{value!r} is not a positive number or a comma list of them "
@@ -92,38 +129,28 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:
-    """Merge defaults < TOML < flags (flags that are None do not count) and validate."""
+    """Merge defaults < TOML < flags (typed values; flags that are None do not count) and validate."""
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
     values |= {k: v for k, v in flags.items() if v is not None}
-    options = {**values.pop("options", {}), **{k: values.pop(k) for k in list(values) if k not in FIELDS}}
+    options = values.pop("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError("--config", f"options = {options!r}: must be a table of method and model options")
+    options = {**options, **{k: values.pop(k) for k in list(values) if k not in FIELDS}}
     if "memory_budget" in values:
         values["memory_budget"] = parse_budget(values["memory_budget"])
-    try:
-        cfg = RunConfig(**values, options=options)
-    except TypeError as e:
-        raise ConfigError("--config", str(e)) from None
-    return validate(cfg)
+    return validate(RunConfig(**values, options=options))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    from fedbench.models import create_model, list_models, model_options
+    """Each setting as declared (type, choices, range), then what depends on several; options typed too."""
+    from fedbench.models import create_model, list_models
     from fedbench.partition import parse_partition
     from fedbench.registry import get_method
 
-    for key in fields(RunConfig):
-        value = getattr(cfg, key.name)
-        if key.name in POSITIVE_INT and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(flag(key.name), f"must be a positive integer, got {value!r}")
-        if key.name in CHOICES and value not in CHOICES[key.name]:
-            raise ConfigError(flag(key.name), f"{value!r} not allowed; allowed: {', '.join(CHOICES[key.name])}")
+    cfg = replace(cfg, **{k: check(spec, getattr(cfg, k)) for k, spec in RUN.items()})
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")
-    for key, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
-                             ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-                             ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0")):
-        if not ok:
-            raise ConfigError(flag(key), f"{getattr(cfg, key)!r} not allowed; must be {allowed}")
     parse_budget(cfg.memory_budget)
     parse_partition(cfg.partition)
     method = get_method(cfg.method)
@@ -133,52 +160,25 @@ def validate(cfg: RunConfig) -> RunConfig:
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("--device", "cuda requested but no CUDA device is available; allowed here: auto, cpu")
-    method_keys = {f.name for f in fields(method.Options)}
-    model_keys = set(model_options(cfg.model)) if cfg.model else set()
-    unknown = set(cfg.options) - method_keys - model_keys
+    own = specs(method.Options) | (model_specs(cfg.model) if cfg.model else {})
+    unknown = sorted(set(cfg.options) - set(own))
     if unknown and cfg.model is not None:  # model options are known once the model is
-        allowed = sorted(flag(k) for k in method_keys | model_keys) or ["(none)"]
-        raise ConfigError(flag(sorted(unknown)[0]), f"not an option of method {cfg.method!r}"
-                          f"{' or model ' + repr(cfg.model) if cfg.model else ''}; allowed: {', '.join(allowed)}")
-    method_options(method, cfg)  # type-checks the values
-    if cfg.model is not None:
-        model_kwargs(cfg)
-    return cfg
+        allowed = sorted(flag(k) for k in own) or ["(none)"]
+        raise ConfigError(flag(unknown[0]), f"not an option of method {cfg.method!r} or model {cfg.model!r}; "
+                                            f"allowed: {', '.join(allowed)}")
+    return replace(cfg, options=cfg.options | {k: check(own[k], v) for k, v in cfg.options.items() if k in own})
 
 
 def method_options(method, cfg: RunConfig):
-    """The method's typed options dataclass, built from ``cfg.options``."""
-    kw = {}
-    for f in fields(method.Options):
-        if f.name not in cfg.options:
-            continue
-        value = cfg.options[f.name]
-        kw[f.name] = coerce(f.name, value, type(getattr(method.Options(), f.name)))
-    return method.Options(**kw)
-
-
-def coerce(key: str, value: Any, kind: type) -> Any:
-    """Convert a string flag value to the option's type; bools accept true/false/1/0."""
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    text = str(value).strip().lower()
-    try:
-        if kind is bool:
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(flag(key), f"{value!r} is not a valid {kind.__name__}") from None
+    """The method's ``Options``, filled from ``cfg.options``."""
+    own = specs(method.Options)
+    return method.Options(**{k: check(own[k], v) for k, v in cfg.options.items() if k in own})
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Model-specific options (e.g. ``--depth`` of vit-tiny), typed like the model's defaults."""
-    from fedbench.models import model_options
-    defaults = model_options(cfg.model)
-    return {k: coerce(k, v, type(defaults[k])) for k, v in cfg.options.items() if k in defaults}
+    """The model's own options (e.g. ``--depth`` of vit-tiny) among ``cfg.options``."""
+    own = model_specs(cfg.model)
+    return {k: check(own[k], v) for k, v in cfg.options.items() if k in own}
 
 
 def for_dataset(cfg: RunConfig, dataset: "Dataset") -> RunConfig:
@@ -192,4 +192,3 @@ def for_dataset(cfg: RunConfig, dataset: "Dataset") -> RunConfig:
         return cfg
     default = get_method(cfg.method).preferred_model or ("cnn" if dataset.in_chans == 1 else "resnet20")
     return validate(replace(cfg, model=default))
-

@@ -40,6 +40,7 @@ import io
 import logging
 import os
 import pickle
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -240,6 +241,7 @@ def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    std[std == 0] = 255.0  # a constant channel: normalise by 1 (not by 0)
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
@@ -394,9 +396,13 @@ def _scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
         )
     splits = []
     for split in ("train", "test"):
-        files = [(f, label) for label, c in enumerate(classes) for f in _images_in(root / split / c)]
-        if not files:
-            raise ConfigError("--dataset", f"imagefolder: no .png/.jpg/.jpeg images under {root / split}")
+        files = []
+        for label, c in enumerate(classes):
+            images = _images_in(root / split / c)
+            if not images:  # a class without images: nothing to learn or test it on
+                raise ConfigError("--dataset", f"imagefolder: class {c!r} has no .png/.jpg/.jpeg images in "
+                                  f"{root / split / c}; every class needs images in both splits ({layout})")
+            files += [(f, label) for f in images]
         splits.append(files)
     return classes, splits[0], splits[1]
 
@@ -421,10 +427,11 @@ def _decode_imagefolder(root: Path, train: list[tuple[Path, int]], test: list[tu
     sizes, modes = {}, set()
     for f, _ in train + test:
         try:
-            with Image.open(f) as im:  # lazy: reads the header only
+            with Image.open(f) as im:
                 sizes[f] = im.size
                 modes.add(im.mode)
-        except (UnidentifiedImageError, OSError) as exc:
+                im.load()  # decode it all: a truncated or corrupt file fails here, named, not later
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ConfigError("--dataset", f"imagefolder: cannot read {f} ({exc})") from None
     expected = sizes[train[0][0]]
     for f, size in sizes.items():
@@ -466,13 +473,23 @@ def _read_cache(cache: Path) -> dict | None:
 
 
 def _save_cache(blob: dict, cache: Path) -> None:
-    """Write the decoded tensors atomically; a read-only folder only costs a re-decode next time."""
-    tmp = cache.with_name(cache.name + ".tmp")
+    """Write the decoded tensors atomically; a read-only folder only costs a re-decode next time.
+
+    The temporary file is created exclusively under a fresh name (``mkstemp``: never through a link
+    someone planted), then renamed over ``cache`` (a rename replaces a link there, never follows it).
+    """
     try:
-        torch.save(blob, tmp)
-        tmp.replace(cache)
+        fd, tmp = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
     except OSError as exc:
         log.warning("could not write the image cache %s (%s); images will be decoded again", cache, exc)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.warning("could not write the image cache %s (%s); images will be decoded again", cache, exc)
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- shapes only

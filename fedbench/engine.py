@@ -16,7 +16,8 @@ from functools import partial
 import torch
 
 from fedbench import batched
-from fedbench.config import RunConfig, for_dataset, model_kwargs
+from fedbench.budget import client_budgets, draw_budgets
+from fedbench.config import RunConfig, for_dataset, method_options, model_kwargs
 from fedbench.data import Dataset, load_dataset, placeholder
 from fedbench.distributed import Group
 from fedbench.errors import ConfigError
@@ -27,7 +28,7 @@ from fedbench.plan import Plan
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
 from fedbench.registry import get_method
-from fedbench.seeding import derive, generator, sample_clients
+from fedbench.seeding import generator, sample_clients
 from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def unbudgeted(method: type[Method]) -> bool:
+    """Whether a budget given to the method is recorded as unbudgeted (no client-round counted over it): the
+    self-supervised methods, which fit nothing to a budget. FedAvg fits nothing either, but as the reference
+    its client-rounds over budget are counted."""
+    return not (method.budgeted or method.supervised)
+
+
+def diverged(row: dict) -> bool:
+    """A round whose mean train loss is NaN or inf (None: a NaN read back from rounds.csv)."""
+    return row["train_loss"] is None or not math.isfinite(row["train_loss"])
+
+
 def create_on(device: torch.device, name: str, **kw) -> FedModel:
     """A model laid out for ``device``: on CPUs, convolutions in channels-last (oneDNN's native layout;
     the CNN's max-pool runs 16x faster in it, benchmarks/throughput.py), on GPUs in PyTorch's default."""
     model = create_model(name, **kw)
     return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
-
-
-def client_budgets(fractions: tuple[float, ...], clients: int) -> list[float]:
-    """Equal groups by client index: client c gets fractions[c * len(fractions) // clients]."""
-    return [fractions[c * len(fractions) // clients] for c in range(clients)]
-
-
-def draw_budgets(fractions: tuple[float, ...], clients: int, seed: int, rnd: int) -> list[float]:
-    """FedRolex's "dynamic" capacities: each client's budget drawn uniformly from the list every round."""
-    return [fractions[derive(seed, "budget", rnd, c) % len(fractions)] for c in range(clients)]
 
 
 @dataclass
@@ -103,6 +106,13 @@ class Run:
         load_slices(model, self.model, plan)
         return model
 
+    def budgets(self, rnd: int) -> list[float]:
+        """Each client's budget in round ``rnd`` (a fraction): its fixed group's, or drawn for the round."""
+        cfg = self.config
+        if cfg.budget_assignment == "per-round":
+            return draw_budgets(cfg.memory_budget, cfg.clients, cfg.seed, rnd)
+        return client_budgets(cfg.memory_budget, cfg.clients)
+
     def lr_at(self, rnd: int) -> float:
         cfg = self.config
         if cfg.lr_schedule == "cosine":
@@ -117,8 +127,6 @@ class Run:
             o.on_start(self)
         for rnd in range(self.start_round, cfg.rounds):
             t0 = time.perf_counter()
-            if cfg.budget_assignment == "per-round":
-                self.ctx.budgets[:] = draw_budgets(cfg.memory_budget, cfg.clients, cfg.seed, rnd)
             lr = self.lr_at(rnd)
             agg = self.method.aggregator(self.model)
             records = self.train_round(rnd, lr, agg, traffic)
@@ -126,11 +134,13 @@ class Run:
                 records = self.merge(agg, records)
             traffic.commit(agg.apply(), rnd)
             evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
-            metrics = self.method.evaluate(self.model) if evaluate else {}
+            metrics = self.method.evaluate(self.model, rnd) if evaluate else {}
             row = self.round_row(rnd, lr, records, metrics, time.perf_counter() - t0)
             self.rows.append(row)
             for o in observers:
                 o.after_round(self, row, records)
+            if diverged(row):  # stop here; summary.json says status diverged, and the round
+                break
         summary = self.summary()
         for o in observers:
             o.on_end(self, summary)
@@ -145,18 +155,18 @@ class Run:
         folded in as each group ends.
         """
         cfg = self.config
-        work = []
+        work, budgets = [], self.budgets(rnd)
         clients = sample_clients(cfg.seed, rnd, cfg.clients, cfg.clients_per_round)
         if self.group is not None:
             clients = self.group.share(clients, [len(self.parts[c]) for c in clients])
         for client in clients:                                                                     # 1. sample
             gen = generator(cfg.seed, "client", rnd, client, device=self.ctx.device)
-            work.append((client, gen, self.method.plan(rnd, client, gen)))                        # 2. plan
+            work.append((client, gen, self.method.plan(rnd, client, budgets[client], gen)))       # 2. plan
         groups: dict[tuple, list[tuple]] = {}
         for item in work:
             groups.setdefault(item[2].shape_key(), []).append(item)
         batch = cfg.client_batching == "on" or (cfg.client_batching == "auto" and self.ctx.device.type == "cuda")
-        batch = batch and batched.supports(type(self.method))
+        batch = batch and self.method.trains_batched
         records = []
         for group in groups.values():
             datas = [self.client_data(client) for client, _, _ in group]
@@ -178,7 +188,7 @@ class Run:
                     batched.load_state(model, done[0])
                     result = done[1]
                 self.method.add_update(agg, plan, model, data)                                     # 5. aggregate
-                records.append(self.measure(rnd, client, plan, model, result, traffic))            # 6. measure
+                records.append(self.measure(rnd, client, budgets[client], plan, model, result, traffic))  # 6. measure
         return sorted(records, key=lambda r: r["client"])
 
     def merge(self, agg, records: list[dict]) -> list[dict]:
@@ -191,15 +201,16 @@ class Run:
             held.update({c: h for c, h in holdings.items() if h is not None})
         return sorted(merged, key=lambda r: r["client"])
 
-    def measure(self, rnd: int, client: int, plan: Plan, model: FedModel, result, traffic: "Traffic") -> dict:
-        budget = self.ctx.budgets[client]
+    def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel, result,
+                traffic: "Traffic") -> dict:
         budget_bytes = budget * self.ctx.full_memory
-        steps = [self.profiler.measure(plan, i) for i in range(len(plan.steps))]
+        steps = [self.profiler.measure(plan, i, len(self.parts[client])) for i in range(len(plan.steps))]
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
         record = {
             "round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
-            "config": plan.label, "peak_bytes": peak, "within_budget": peak <= budget_bytes,
+            "config": plan.label, "peak_bytes": peak,
+            "within_budget": peak <= budget_bytes or unbudgeted(type(self.method)),
             "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model),
             "bytes_up": tensor_bytes(uploaded(model, plan).values()), "samples": sum(result.samples),
             "train_loss": result.loss,
@@ -240,10 +251,13 @@ class Run:
     def summary(self) -> dict:
         evaluated = [r for r in self.rows if r["accuracy"] is not None]
         client_rounds = sum(r["clients"] for r in self.rows) or 1
+        stopped = next((r["round"] for r in self.rows if diverged(r)), None)
         cfg = self.config
         return {
             "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
             "memory_budget": list(cfg.memory_budget), "rounds": len(self.rows),
+            "status": "diverged" if stopped else "ok", "diverged_round": stopped,
+            "unbudgeted": unbudgeted(type(self.method)),
             "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
             "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
             "evaluation": self.method.describe_eval(),
@@ -284,21 +298,22 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
                     img_size=dataset.img_size, **model_kwargs(cfg))
     torch.manual_seed(cfg.seed)  # model initialisation only; the round loop uses derived generators
     method_cls = get_method(cfg.method)
-    if group is not None and method_cls.state_dict is not Method.state_dict:
+    if group is not None and method_cls.keeps_client_state:
         raise ConfigError("--nproc-per-node", f"{cfg.method} keeps state of its own between rounds (per-client "
                                               "models), held where a client trains: run it in one process; a sweep "
                                               "under torchrun (fedbench compare) runs its cells one process each")
     model = method_cls.build_global(build).to(device)
-    holder: dict[str, Method] = {}
+    client_build = method_cls.client_builder(build)
     profiler = Profiler(
-        build_client=lambda plan: build_submodel(ctx.build, model, plan),
-        make_trainer=lambda m, plan, step: holder["method"].trainer(m, plan, step, cfg.lr),
+        build_client=partial(build_submodel, client_build, model),
         sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
-        batch_size=cfg.batch_size, device=device, seed=cfg.seed)
-    ctx = Context(config=cfg, dataset=dataset, model=model, build=method_cls.client_builder(build),
-                  profiler=profiler, budgets=client_budgets(cfg.memory_budget, cfg.clients),
+        batch_size=min(cfg.batch_size, max(map(len, parts)) or cfg.batch_size),  # the largest client's batch
+        device=device, seed=cfg.seed)
+    ctx = Context(config=cfg, dataset=dataset, model=model, build=client_build, profiler=profiler,
+                  options=method_options(method_cls, cfg),
                   client_labels=[dataset.train_y[p.to(device)].unique() for p in parts])
-    method = holder["method"] = method_cls(ctx)
+    method = method_cls(ctx)
+    profiler.bind(partial(method.trainer, lr=cfg.lr))
     ctx.full_memory = profiler.memory_of(method.full_plan())
     method.setup()
     return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group)

@@ -1,20 +1,21 @@
 """The base every method plugs in through: a policy over plans plus a few hooks (DESIGN.md).
 
-A method overrides the fewest hooks: ``setup`` (resolve budgets into configurations, by
+A method overrides the fewest hooks: ``setup`` (resolve every budget into a configuration, by
 measurement), ``plan`` (a client's sub-model this round), ``loss`` or ``trainer`` (local
 objective), ``add_update`` (aggregation), ``evaluate``. It never owns the round loop, the
-sampler, the profiler or the outputs.
+sampler, the profiler or the outputs. Hooks are told their inputs (round, client, budget):
+what one hook stores and a later one reads is either resolved in ``setup`` or checkpointed
+(``state_dict``). Methods register themselves with ``register_method`` (timm's ``register_model``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from fedbench.aggregate import MaskedMean
-from fedbench.config import method_options
 from fedbench.data import Dataset, normalize, train_batch
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
@@ -47,14 +48,14 @@ class TrainResult:
 
 @dataclass
 class Context:
-    """What a method may use: the run's config and data, the global model, its factory, the profiler."""
+    """What a method may use: the run's config and data, the global model, its factory, the profiler, its options."""
 
     config: "RunConfig"
     dataset: Dataset
     model: FedModel                    # the global model
     build: "Callable[..., FedModel]"   # build(widths=..., rate=...) -> FedModel at those widths
     profiler: "Profiler"
-    budgets: list[float]               # per client: budget as a fraction of full-model memory
+    options: Any                       # the method's ``Options``, filled from the run's settings
     full_memory: int = 0               # bytes: measured peak of the full model under this method
     client_labels: list[torch.Tensor] = field(default_factory=list)  # per client: labels it holds
 
@@ -142,6 +143,11 @@ class Method:
     paper: ClassVar[str] = ""
     supervised: ClassVar[bool] = True   # False: evaluated by linear probe (the output says so)
     budgeted: ClassVar[bool] = False    # True: the method fits each client's configuration to its budget
+    # Capabilities the engine relies on, declared (never inferred from which hooks are overridden):
+    trains_batched: ClassVar[bool] = False      # True: clients of one plan shape may train together (fedbench.batched):
+    #                                             default local_train and Trainer, a pure loss, no randomness in the model
+    keeps_client_state: ClassVar[bool] = False  # True: per-client state (in state_dict) lives where the client trains,
+    #                                             so the run cannot be spread over processes
     preferred_model: ClassVar[str | None] = None  # used when --model is not given (e.g. the paper's model)
     grad_clip: float = 0.0              # > 0: clip each local step's gradient norm to this (all trainable tensors)
 
@@ -149,7 +155,12 @@ class Method:
         self.ctx = ctx
         self.config = ctx.config
         self.dataset = ctx.dataset
-        self.options = method_options(type(self), ctx.config)
+        self.options = ctx.options
+
+    @property
+    def budgets(self) -> list[float]:
+        """Every budget a client can receive (the distinct ``--memory-budget`` fractions), ascending."""
+        return sorted(set(self.config.memory_budget))
 
     # --- models -------------------------------------------------------------------------
     @classmethod
@@ -164,13 +175,15 @@ class Method:
 
     # --- configuration ------------------------------------------------------------------
     def setup(self) -> None:
-        """Resolve budgets into configurations (by measurement); raise ConfigError if impossible."""
+        """Resolve each of ``self.budgets`` into a configuration (by measurement); raise ConfigError if impossible."""
 
     def full_plan(self) -> Plan:
         """The configuration whose measured memory defines a budget of 1."""
         return Plan()
 
-    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
+    def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:
+        """The client's sub-model in round ``rnd`` under ``budget`` (one of ``self.budgets``); ``gen`` is
+        the client's generator of the round. A function of its arguments and of what ``setup`` resolved."""
         return self.full_plan()
 
     def schedule(self) -> list[tuple[dict, Plan]]:
@@ -193,7 +206,8 @@ class Method:
         """A pure function of its arguments: clients that share a plan shape may be trained batched."""
         return F.cross_entropy(model(x, blocks=step.blocks), y)
 
-    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
+    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float, client: int | None = None) -> Trainer:
+        """The optimisation of one step for ``client`` (None: the profiler's stand-in client)."""
         return Trainer(self, model, plan, step, lr)
 
     def local_train(self, model: FedModel, data: ClientData, plan: Plan, lr: float,
@@ -204,7 +218,7 @@ class Method:
         client = self.client_inputs(data)
         for step in plan.steps:
             set_trainable(model, step)
-            trainer = self.trainer(model, plan, step, lr)
+            trainer = self.trainer(model, plan, step, lr, data.client)
             trainer.client = client
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(len(data), generator=gen, device=gen.device).to(data.y.device)
@@ -222,13 +236,13 @@ class Method:
         weight = float(len(data)) if self.config.weighting == "samples" else 1.0
         agg.add(plan, uploaded(model, plan), weight)
 
-    def eval_model(self, global_model: FedModel) -> FedModel:
-        """The model that is evaluated (default: the full global model)."""
+    def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
+        """The model that is evaluated after round ``rnd`` (0-based; default: the full global model)."""
         return global_model
 
-    def evaluate(self, global_model: FedModel) -> dict[str, float]:
-        """Top-1 accuracy and mean cross-entropy on the test split."""
-        return evaluate_on_test(self.eval_model(global_model), self.dataset)
+    def evaluate(self, global_model: FedModel, rnd: int) -> dict[str, float]:
+        """Top-1 accuracy and mean cross-entropy on the test split after round ``rnd`` (0-based)."""
+        return evaluate_on_test(self.eval_model(global_model, rnd), self.dataset)
 
     def describe_eval(self) -> str:
         return "top-1 accuracy of the full global model on the test split"
@@ -239,3 +253,14 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+METHODS: dict[str, type[Method]] = {}  # name -> class, filled by ``register_method``; ``fedbench.registry`` queries it
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator; the class declares ``name``, ``description`` and ``paper``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} missing or registered twice")
+    METHODS[cls.name] = cls
+    return cls

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedbench.config import RUN
 from fedbench.engine import Observer, Run
 from fedbench.errors import ConfigError
 from fedbench.partition import describe
@@ -27,7 +28,8 @@ MAY_BE_MISSING = {"accuracy"}  # rounds without an evaluation
 
 
 def to_toml(values: dict) -> str:
-    """A flat TOML document (strings, numbers, booleans, lists of those); re-usable with --config."""
+    """A flat TOML document (strings, numbers, booleans, lists of those), each run setting under its help as a
+    comment; re-usable with --config."""
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -35,7 +37,8 @@ def to_toml(values: dict) -> str:
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return json.dumps(v) if isinstance(v, str) else repr(v)
     flat = {k: v for k, v in values.items() if k != "options"} | values.get("options", {})
-    return "".join(f"{k.replace('_', '-')} = {fmt(v)}\n" for k, v in flat.items() if v is not None)
+    return "".join((f"# {RUN[k].help}\n" if k in RUN else "") + f"{k.replace('_', '-')} = {fmt(v)}\n"
+                   for k, v in flat.items() if v is not None)
 
 
 @contextmanager
@@ -161,12 +164,14 @@ def summary_table(s: dict) -> Table:
         ("memory budget", ", ".join(f"{b:g}" for b in s["memory_budget"])),
         ("full-model training memory", f"{s['full_model_memory_bytes'] / mb:.2f} MB"),
         ("peak client memory (max)", f"{s['peak_max_bytes'] / mb:.2f} MB"),
-        ("client-rounds over budget", str(s["violations"])),
+        ("client-rounds over budget", "unbudgeted" if s.get("unbudgeted") else str(s["violations"])),
         ("train GFLOPs / client-round", f"{s['train_flops_per_client_round'] / 1e9:.3f}"),
         ("MB down / up per client-round", f"{s['bytes_down_per_client_round'] / mb:.3f} / {s['bytes_up_per_client_round'] / mb:.3f}"),
         ("forward MMACs / sample (fvcore)", f"{s['forward_macs_per_sample'] / 1e6:.2f}"),
         ("device, wall time", f"{s['device']}, {s['wall_s']:.1f} s"),
     ]
+    if s.get("status") == "diverged":
+        rows.insert(0, ("status", f"diverged in round {s['diverged_round']} (train loss not finite)"))
     for k, v in rows:
         table.add_row(k, v)
     return table

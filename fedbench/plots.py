@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure  # drawn and saved with the Agg canvas, no pyplot state
 
-from fedbench.report import Comparison, budget_order
+from fedbench.budget import budget_order
+
+if TYPE_CHECKING:
+    from fedbench.report import Comparison
 
 BUDGET_AXIS = "memory budget (fraction of the full model's measured training memory)"
 ACCURACY_AXIS = "final test accuracy (top-1; SSL: linear probe)"

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedbench.errors import ConfigError
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.submodel import set_trainable
@@ -105,14 +106,17 @@ def _sdpa_mapping() -> dict:
 
 
 class Profiler:
-    """The engine's measuring service; methods only ask ``memory_of(plan)``."""
+    """The engine's measuring service; methods only ask ``memory_of(plan)``.
+
+    It measures the method's own training step, and the method, built with the profiler in its
+    context, asks it to: the engine hands it the method's trainer factory with ``bind``.
+    """
 
     def __init__(self, build_client: Callable[[Plan], FedModel],
-                 make_trainer: Callable[[FedModel, Plan, Step], Trainable],
                  sample_shape: tuple[int, ...], num_classes: int, batch_size: int,
                  device: torch.device, seed: int = 0):
         self.build_client = build_client
-        self.make_trainer = make_trainer
+        self.make_trainer: Callable[[FedModel, Plan, Step], Trainable] | None = None
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
         self.batch_size = batch_size
@@ -120,6 +124,12 @@ class Profiler:
         self.seed = seed
         self._memory: dict[tuple, Measurement] = {}
         self._flops: dict[tuple, int] = {}
+
+    def bind(self, make_trainer: Callable[[FedModel, Plan, Step], Trainable]) -> None:
+        """Measure with ``make_trainer(model, plan, step)``: the method's ``trainer`` (once, before any measurement)."""
+        if self.make_trainer is not None:
+            raise RuntimeError("the profiler is already bound to a method")
+        self.make_trainer = make_trainer
 
     # --- memory ------------------------------------------------------------------------
     def memory_of(self, plan: Plan) -> int:
@@ -132,10 +142,13 @@ class Profiler:
         widths, _, rate, options = plan.shape_key()
         return widths, plan.blocks(), plan.steps[step_index], rate, options
 
-    def measure(self, plan: Plan, step_index: int = 0) -> Measurement:
-        key = self.step_key(plan, step_index)
+    def measure(self, plan: Plan, step_index: int = 0, samples: int | None = None) -> Measurement:
+        """One step at the batch a client of ``samples`` samples trains with, min(batch size, samples); None: the
+        profiler's batch size (the largest client's, which budgets are fitted at)."""
+        batch = self.batch_size if samples is None else min(self.batch_size, samples)
+        key = (self.step_key(plan, step_index), batch)
         if key not in self._memory:
-            self._memory[key] = self._measure(plan, plan.steps[step_index])
+            self._memory[key] = self._measure(plan, plan.steps[step_index], batch)
         return self._memory[key]
 
     def _batch(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
@@ -144,25 +157,47 @@ class Profiler:
         y = torch.randint(0, self.num_classes, (batch,), generator=gen, device=device)
         return x, y, gen
 
-    def _measure(self, plan: Plan, step: Step) -> Measurement:
-        x, y, gen = self._batch(self.batch_size, self.device)
+    def _measure(self, plan: Plan, step: Step, batch: int | None = None) -> Measurement:
+        batch = batch or self.batch_size
         trainer = self._client(plan, step, self.device)
+        if not self._memory and batch > 4:  # the first configuration (the full model): can its batch fit at all?
+            self._check_fits(trainer, batch)
+        x, y, gen = self._batch(batch, self.device)
         activations = self._saved_bytes(trainer, x, y, gen)
-        trainer.step(x, y, gen)  # warm-up: optimizer state now exists
+        peak = self._peak(trainer, x, y, gen)
+        params = [t for m in trainer.modules() for t in [*m.parameters(), *m.buffers()]]
+        grads = [p.grad for m in trainer.modules() for p in m.parameters() if p.grad is not None]
+        state = trainer.state_tensors()
+        optimizer = storage_bytes(state) - storage_bytes(params + grads)
+        cuda_peak = self._cuda_peak(trainer, x, y, gen) if self.device.type == "cuda" else None
+        return Measurement(peak=peak, params=storage_bytes(params), grads=storage_bytes(grads),
+                           optimizer=max(0, optimizer), activations=activations,
+                           batch=storage_bytes([x, y]), cuda_peak=cuda_peak)
+
+    @staticmethod
+    def _peak(trainer: Trainable, x, y, gen) -> int:
+        """Live-tensor peak of one step, after a warm-up step (which creates the optimizer state)."""
+        trainer.step(x, y, gen)
         gc.collect()
         meter = Live()
         for t in [*trainer.state_tensors(), x, y]:
             meter.track(t)
         with meter:
             trainer.step(x, y, gen)
-        params = [t for m in trainer.modules() for t in [*m.parameters(), *m.buffers()]]
-        grads = [p.grad for m in trainer.modules() for p in m.parameters() if p.grad is not None]
-        state = trainer.state_tensors()
-        optimizer = storage_bytes(state) - storage_bytes(params + grads)
-        cuda_peak = self._cuda_peak(trainer, x, y, gen) if self.device.type == "cuda" else None
-        return Measurement(peak=meter.peak, params=storage_bytes(params), grads=storage_bytes(grads),
-                           optimizer=max(0, optimizer), activations=activations,
-                           batch=storage_bytes([x, y]), cuda_peak=cuda_peak)
+        return meter.peak
+
+    def _check_fits(self, trainer: Trainable, batch: int) -> None:
+        """Refuse, before measuring it, a batch whose step cannot fit in the memory available. The estimate: the
+        peak at batch 4 plus, per further sample, the activations a sample saves for backward (what grows with
+        the batch; the peak of a tiny batch is the optimizer step's, so two tiny peaks would not show it)."""
+        x, y, gen = self._batch(4, self.device)
+        per_sample = max(self._saved_bytes(trainer, x, y, gen) / 4, 1)
+        four = self._peak(trainer, x, y, gen)
+        need, free = four + per_sample * (batch - 4), available_memory(self.device)
+        if need > free:
+            raise ConfigError("--batch-size", f"{batch} needs about {need / 1e9:.3g} GB for one training step of the "
+                              f"full model, more than the {free / 1e9:.3g} GB of {self.device.type} memory available; "
+                              f"allowed: up to about {max(1, int(4 + (free - four) / per_sample))}")
 
     @staticmethod
     def _saved_bytes(trainer: Trainable, x, y, gen) -> int:
@@ -225,7 +260,17 @@ class Profiler:
     def _client(self, plan: Plan, step: Step, device: torch.device) -> Trainable:
         model = self.build_client(plan).to(device).train()
         set_trainable(model, step)
+        if self.make_trainer is None:
+            raise RuntimeError("Profiler.bind(the method's trainer factory) before measuring")
         return self.make_trainer(model, plan, step)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a step may use: the host's available memory (psutil) on a CPU, the GPU's free memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
 
 
 def forward_macs(model: torch.nn.Module, sample_shape: tuple[int, ...]) -> int:

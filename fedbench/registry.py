@@ -1,35 +1,17 @@
-"""Method registry: methods register themselves with a decorator (timm's ``register_model`` style)."""
+"""The registered methods (timm's layout): importing ``methods`` imports every method module, and each
+registers itself with ``fedbench.method.register_method``; here they are listed and looked up."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import methods  # noqa: F401  (each module registers itself on import)
 from fedbench.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedbench.method import Method
-
-_METHODS: dict[str, type["Method"]] = {}
+from fedbench.method import METHODS, Method
 
 
-def register_method(cls: type["Method"]) -> type["Method"]:
-    """Class decorator; the class declares ``name``, ``description`` and ``paper``."""
-    if not cls.name or cls.name in _METHODS:
-        raise ValueError(f"method name {cls.name!r} missing or registered twice")
-    _METHODS[cls.name] = cls
-    return cls
+def list_methods() -> list[type[Method]]:
+    return [METHODS[k] for k in sorted(METHODS)]
 
 
-def _load() -> None:
-    import methods  # noqa: F401  (each module registers itself on import)
-
-
-def list_methods() -> list[type["Method"]]:
-    _load()
-    return [_METHODS[k] for k in sorted(_METHODS)]
-
-
-def get_method(name: str) -> type["Method"]:
-    _load()
-    if name not in _METHODS:
-        raise ConfigError("--method", f"unknown method {name!r}; allowed: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError("--method", f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -11,11 +11,14 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fedbench.budget import budget_order
 from fedbench.config import EXECUTION, FIELDS, load_toml
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
 from fedbench.observers import Inconsistent, check_rounds, read_logs
 from fedbench.plan import Plan
+from fedbench.plots import write_plots
+from fedbench.registry import get_method
 
 MB = 1e6
 
@@ -79,7 +82,7 @@ SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "
                 "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
 CELL_KEYS = ["row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "seed", "budget", "budget_value", "rounds", "final_accuracy",
-               "violations", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
+               "diverged", "unbudgeted", "violations", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
                "settings", "path"]
 
 
@@ -143,7 +146,8 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
         "peak_of_budget": float((clients["peak_bytes"] / clients["budget_bytes"]).max()),
         "train_GFLOPs": summary["train_flops_per_client_round"] / 1e9,
         "MB_down": summary["bytes_down_per_client_round"] / MB, "MB_up": summary["bytes_up_per_client_round"] / MB,
-        "wall_s": summary.get("wall_s"),
+        "wall_s": summary.get("wall_s"), "diverged": summary.get("diverged_round"),
+        "unbudgeted": summary.get("unbudgeted") is True,
     }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb})
 
 
@@ -203,8 +207,6 @@ def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.Da
 def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Row label = method, plus the settings that differ between that method's runs (never averaged over)
     and the run settings (RunConfig fields) where the run differs from the most common value of all runs."""
-    from fedbench.registry import get_method
-
     def supervised(method, evaluation) -> bool:
         try:
             return get_method(method).supervised
@@ -231,10 +233,11 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     accuracy mean/std over the finished seeds, worst memory, mean costs."""
     done = runs[runs["method"].notna()]
     done = done.assign(ok=done["status"] == "ok", failed=done["status"] == "failed",
-                       error=done["problem"].where(done["status"] == "failed"))
+                       error=done["problem"].where(done["status"] == "failed"), diverged=done["diverged"].notna(),
+                       unbudgeted=done["unbudgeted"].eq(True))
     cells = done.groupby(CELL_KEYS).agg(
         budget_value=("budget_value", "first"), runs=("ok", "size"), seeds=("ok", "sum"), failed=("failed", "sum"),
-        error=("error", "first"),
+        error=("error", "first"), diverged=("diverged", "sum"), unbudgeted=("unbudgeted", "any"),
         accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum")).reset_index()
@@ -247,12 +250,22 @@ def over(c) -> str:
 
 
 def fmt_accuracy(c) -> str:
-    """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; failed; - (none finished)."""
+    """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; failed; - (none finished);
+    diverged (training stopped at a NaN/inf loss; (diverged/finished) when not every seed did)."""
     if c.seeds == 0:
         return "failed" if c.failed else "-"
+    if c.diverged:
+        return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
     part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
     return f"{c.accuracy_mean:.4f}{spread}{part}{over(c)}"
+
+
+def fmt_memory(c) -> str:
+    """Peak MB (peak / budget, or unbudgeted: a method that fits nothing to a budget, none counted over it)."""
+    if c.seeds == 0:
+        return "-"
+    return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){over(c)}"
 
 
 TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)
@@ -261,7 +274,7 @@ TABLES = {  # file stem: (title, cell text, which rows: True supervised, False s
     "accuracy_ssl": ("Self-supervised methods: final linear-probe accuracy (see runs.csv evaluation), mean ± std "
                      "over seeds (! = over budget)", fmt_accuracy, False),
     "memory": ("Peak client training memory, MB, max over client-rounds (in brackets: peak / budget, max)",
-               lambda c: "-" if c.seeds == 0 else f"{c.peak_MB:.3g} ({c.peak_of_budget:.2f}){over(c)}", None),
+               fmt_memory, None),
     "flops": ("Training GFLOPs per client-round (mean over seeds)",
               lambda c: "-" if c.seeds == 0 else f"{c.train_GFLOPs:.3g}", None),
     "communication": ("MB down / up per client-round (mean over seeds)",
@@ -284,11 +297,6 @@ def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
         table.index.name, table.columns.name = "method", None
         out[name] = (title, table)
     return out
-
-
-def budget_order(labels) -> list[str]:
-    """Budget labels ('0.25', or '0.125+0.5' for a mixed-budget run) in numeric order."""
-    return sorted(set(labels), key=lambda b: [float(v) for v in b.split("+")])
 
 
 def problems(comp: Comparison) -> pd.DataFrame:
@@ -325,8 +333,6 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
     """runs.csv (one row per run), cells.csv (per method and budget), one CSV per table, report.md, plots."""
-    from fedbench.plots import write_plots
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "runs.csv", folder / "cells.csv", folder / "curves.csv"]

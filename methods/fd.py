@@ -2,9 +2,9 @@
 
 Each client trains a random sub-model: in every group (every layer's output channels) a
 uniformly random subset of floor(w C) channels, drawn independently per client, per round and
-per layer from the client's seeded generator (``channels.random``); groups joined by identity
+per layer from the client's seeded generator (``_width.random``); groups joined by identity
 shortcuts share one draw, so residual streams line up (the SLT authors' FD, §3.2). The width
-w is the largest whose measured memory fits the client's budget (``fedbench.width``). Updates
+w is the largest whose measured memory fits the client's budget (``methods._width``). Updates
 are merged by the masked mean (each element over the clients holding it); the full-width
 model is evaluated with no rescaling (no dropout-style 1/p correction) and BN batch statistics.
 
@@ -25,18 +25,18 @@ Variants: ``paper`` = ``slt`` (above); ``fedrolex-code``: FD as re-run in FedRol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from fedbench.channels import random
 from fedbench.errors import ConfigError
-from fedbench.registry import register_method
-from fedbench.width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions
+from fedbench.method import register_method
+from methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions, random
 
 ENCODINGS = ("int32", "seed")
 
 
 @dataclass(frozen=True)
 class FDOptions(WidthOptions):
-    index_encoding: str = "int32"   # how the kept channel indices are sent: int32 lists or a seed
+    index_encoding: Annotated[Literal["int32", "seed"], "how the kept channel indices are sent: int32 lists or a seed"] = "int32"
 
 
 @register_method

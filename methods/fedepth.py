@@ -43,25 +43,26 @@ auxiliary heads (the authors' full group uploads untrained copies of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedbench.budget import too_small
-from fedbench.method import ClientData, Method, TrainResult, Trainer
+from fedbench.method import Method, Trainer, register_method
 from fedbench.models import FedModel
 from fedbench.plan import Plan, Step
-from fedbench.registry import register_method
+from fedbench.settings import Range
 
 DISTILL = "distill"
 
 
 @dataclass(frozen=True)
 class DepthOptions:
-    distill: bool = True               # mutual distillation where model + local model fit the budget
-    distill_weight: float = 1.0        # lambda of the KL terms (§1.4)
-    distill_temperature: float = 1.0   # softmax temperature of the KL terms (§1.4: plain softmax)
+    distill: Annotated[bool, "mutual distillation where model + local model fit the budget"] = True
+    distill_weight: Annotated[float, Range(ge=0, le=1000), "lambda of the KL terms (§1.4)"] = 1.0
+    distill_temperature: Annotated[float, Range(gt=0, le=100), "softmax temperature of the KL terms (§1.4: plain softmax)"] = 1.0
 
 
 def span(first: int, last: int) -> str:
@@ -103,14 +104,14 @@ class FeDepth(Method):
     paper = ("Zhang et al. 2023, Memory-adaptive Depth-wise Heterogeneous Federated Learning "
              "(arXiv 2303.04887), FEDEPTH")
     budgeted = True
+    keeps_client_state = True   # the mutual-distillation clients' local models
     Options = DepthOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.depth = len(ctx.model.blocks)
         self.plans: dict[float, Plan] = {}
-        self.local: dict[int, FedModel] = {}
-        self._local: FedModel | None = None  # the local model of the client being trained
+        self.local: dict[int, FedModel] = {}  # per client: its local model (mutual distillation; checkpointed)
 
     # --- how a step reaches a classifier (m-FEDEPTH overrides) ----------------------------
     def route(self, last: int) -> str:
@@ -205,12 +206,12 @@ class FeDepth(Method):
                 self.shapes.append(x.shape[1:])
         # leading blocks that can be skipped: the stem's output also fits the next block's input
         self.starts = [s for s in range(self.depth) if self.shapes[s] == self.shapes[0]]
-        self.plans = {b: self.resolve(b) for b in sorted(set(self.config.memory_budget))}
+        self.plans = {b: self.resolve(b) for b in self.budgets}
         if any(p.option(DISTILL) for p in self.plans.values()):
             self.initial = self.twin(self.ctx.model)  # local models start as the initial global model
 
-    def plan(self, rnd, client, gen) -> Plan:
-        return self.plans[self.ctx.budgets[client]]
+    def plan(self, rnd, client, budget, gen) -> Plan:
+        return self.plans[budget]
 
     def schedule(self):
         full = self.ctx.full_memory
@@ -234,23 +235,14 @@ class FeDepth(Method):
         copy.load_state_dict(model.state_dict())
         return copy.train()
 
-    def trainer(self, model, plan, step, lr) -> Trainer:
+    def trainer(self, model, plan, step, lr, client=None) -> Trainer:
         if not plan.option(DISTILL):
-            return super().trainer(model, plan, step, lr)
-        local = self._local if self._local is not None else self.twin(model)  # profiling: a stand-in
-        return DistillTrainer(self, model, plan, step, lr, local)
-
-    def local_train(self, model: FedModel, data: ClientData, plan: Plan, lr: float,
-                    gen: torch.Generator) -> TrainResult:
-        if not plan.option(DISTILL):
-            return super().local_train(model, data, plan, lr, gen)
-        if data.client not in self.local:
-            self.local[data.client] = self.twin(self.initial)
-        self._local = self.local[data.client]
-        try:
-            return super().local_train(model, data, plan, lr, gen)
-        finally:
-            self._local = None
+            return super().trainer(model, plan, step, lr, client)
+        if client is None:
+            return DistillTrainer(self, model, plan, step, lr, self.twin(model))  # the profiler's stand-in
+        if client not in self.local:  # its first distillation round: a copy of the initial global model
+            self.local[client] = self.twin(self.initial)
+        return DistillTrainer(self, model, plan, step, lr, self.local[client])
 
     def state_dict(self) -> dict:
         return {"local": {c: m.state_dict() for c, m in self.local.items()}}

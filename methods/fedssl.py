@@ -1,12 +1,12 @@
 """FedMoCoV3: end-to-end federated MoCo v3, the reference of LW-FedSSL (arXiv 2401.11647 v4, §4, Table 2).
 
-Every client trains the whole encoder plus H and P with MoCo v3 (``fedbench.ssl``); the
+Every client trains the whole encoder plus H and P with MoCo v3 (``methods._ssl``); the
 server takes the sample-weighted mean. Its measured memory is budget 1 for the SSL methods.
 """
 from __future__ import annotations
 
-from fedbench.registry import register_method
-from fedbench.ssl import SSLMethod
+from fedbench.method import register_method
+from methods._ssl import SSLMethod
 
 
 @register_method

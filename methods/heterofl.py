@@ -2,12 +2,12 @@
 
 Each client trains the first-k sub-model (ceil(w C) channels of every group, §2.1: nested,
 every narrower model is the top-left corner of a wider one) at the largest width whose
-measured memory fits its budget (``fedbench.width``). Following the paper and its code (§2.2-2.3):
+measured memory fits its budget (``methods._width``). Following the paper and its code (§2.2-2.3):
 
 - static BN: BN normalises with batch statistics while training (our models keep no running
   statistics); before each evaluation the sBN pass runs the whole training set through a copy
   of the global model in train mode, accumulating cumulative running statistics, and the copy
-  is evaluated in eval mode with them (``width.static_bn``; the code's ``stats()``);
+  is evaluated in eval mode with them (``_width.static_bn``; the code's ``stats()``);
 - the Scaler: ``plan.rate = w`` (client width / global width), identity at evaluation;
 - the masked cross-entropy: logits of classes not in the client's label set are set to 0;
 - classifier rows (weight and bias) averaged only over the clients holding that label;
@@ -16,8 +16,8 @@ measured memory fits its budget (``fedbench.width``). Following the paper and it
 Evaluated at full width. Deviations: the budget is measured training memory, not a preset
 complexity level a-e (§2.4), so widths come from a 1/64 grid; the sBN pass uses un-augmented
 training images in batches of 500; clients are averaged with ``--weighting`` (the code is
-unweighted: identical for iid/shard partitions, whose clients are equal-sized). Only fixed
-client groups per budget (the paper's "fix" mode); its "dynamic" mode is not offered.
+unweighted: identical for iid/shard partitions, whose clients are equal-sized). Fixed client
+groups per budget are the paper's "fix" mode; its "dynamic" mode is ``--budget-assignment per-round``.
 
 Variants (``--variant``): ``paper`` (above); ``fedrolex-code``: HeteroFL as re-run in FedRolex's
 repository (same training, no sBN pass: test-batch statistics); ``slt``: the SLT authors'
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fedbench.registry import register_method
-from fedbench.width import HETEROFL_CODE, SLT, WidthMethod
+from fedbench.method import register_method
+from methods._width import HETEROFL_CODE, SLT, WidthMethod
 
 
 @register_method

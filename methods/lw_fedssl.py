@@ -23,23 +23,24 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
 from fedbench.errors import ConfigError
+from fedbench.method import register_method
 from fedbench.plan import Plan, Step
 from fedbench.profiler import Traffic
-from fedbench.registry import register_method
 from fedbench.seeding import generator
-from fedbench.ssl import SSLMethod, SSLModel, SSLOptions, online_macs
+from fedbench.settings import Range
 from fedbench.submodel import build_submodel, set_trainable, tensor_bytes, uploaded
+from methods._ssl import SSLMethod, SSLModel, SSLOptions, online_macs
 
 
 @dataclass(frozen=True)
 class LayerWiseOptions(SSLOptions):
-    blocks_per_stage: int = 1   # Table 3: 1, 2, 3, 4, 6
-    rounds_per_stage: int = 0   # R_s; 0: R / S
+    blocks_per_stage: Annotated[int, Range(ge=1, le=10_000), "blocks trained per stage (Table 3: 1, 2, 3, 4, 6)"] = 1
+    rounds_per_stage: Annotated[int, Range(ge=0, le=1_000_000), "R_s, rounds per stage; 0: R / S"] = 0
 
 
 class LayerWise(SSLMethod):
@@ -77,7 +78,7 @@ class LayerWise(SSLMethod):
         return self.layer_plan(kept, kept if self.progressive else active, stem=s == 0 or self.progressive,
                                label=f"stage {s + 1}/{len(self.stages)}")
 
-    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
+    def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:
         return self.stage_plan(self.stage_of(rnd))
 
     def schedule(self) -> list[tuple[dict, Plan]]:
@@ -93,20 +94,22 @@ class LayerWise(SSLMethod):
     def with_totals(self, rows: list[tuple[dict, Plan]]) -> list[tuple[dict, Plan]]:
         """Append the whole-schedule ratios to end-to-end to the last row's note."""
         r = self.accounting()
-        who = f" (client 0, budget {self.ctx.budgets[0]:g})" if self.budgeted else ""
+        who = f" (client 0, budget {self.config.memory_budget[0]:g})" if self.budgeted else ""
         rows[-1][0]["note"] += (f"; schedule{who} / end-to-end: FLOPs {r['flops']:.3f} measured, {r['paper_flops']:.3f} "
                                 f"paper convention; bytes {r['bytes_stateful']:.3f} stateful, "
                                 f"{r['bytes_stateless']:.3f} stateless clients")
         return rows
 
     def accounting(self) -> dict[str, float]:
-        """Totals over all rounds for one client taking part in every round (client 0's plans), / end-to-end.
+        """Totals over all rounds for one client taking part in every round (client 0's plans, at its fixed
+        budget ``memory_budget[0]``), / end-to-end.
 
         FLOPs per sample and local epoch summed over rounds (the paper's GFLOPs, §2.4); bytes down +
         up per round as the engine counts them (stateful: a tensor is re-sent only after it changed).
         """
         cfg, device = self.config, self.ctx.device
-        ours = [self.plan(r, 0, generator(cfg.seed, "client", r, 0, device=device)) for r in range(cfg.rounds)]
+        budget = cfg.memory_budget[0]
+        ours = [self.plan(r, 0, budget, generator(cfg.seed, "client", r, 0, device=device)) for r in range(cfg.rounds)]
         mine, full = self._totals(ours), self._totals([self.full_plan()] * cfg.rounds)
         return {k: mine[k] / full[k] for k in mine}
 

@@ -50,18 +50,18 @@ import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from fedbench.budget import fit_largest
-from fedbench.channels import first_k
 from fedbench.errors import ConfigError
-from fedbench.method import Method
+from fedbench.method import Method, register_method
 from fedbench.models import FedModel, scaled
 from fedbench.plan import Plan, Step
-from fedbench.registry import register_method
 from fedbench.submodel import build_submodel, extract, set_trainable
+from methods._width import first_k
 
 MEMORY_MODELS = ("measured", "paper")
 PAPER_BATCH = 32  # SLT's estimator input (memory/memory_configs_slt.py)
@@ -70,7 +70,7 @@ S_STEP = 1000     # s is lowered in steps of 1/1000 (§5.3)
 
 @dataclass(frozen=True)
 class Options:
-    slt_memory_model: str = "measured"  # measured | paper
+    slt_memory_model: Annotated[Literal["measured", "paper"], "configurations fitted by measured peak, or by the paper's estimator"] = "measured"
 
 
 class _OpOutputs(TorchFunctionMode):
@@ -120,6 +120,7 @@ class SLT(Method):
     paper = ("Pfeiffer et al. 2023, Aggregating Capacity in FL through Successive Layer Training for "
              "Computationally-Constrained Devices (arXiv 2305.17005)")
     budgeted = True
+    trains_batched = True
     preferred_model = "resnet20"  # the paper's family; the cnn's wide fc layer cannot be split under small budgets
     Options = Options
 
@@ -134,13 +135,12 @@ class SLT(Method):
                               f"declares {len(self.layers)}")
         self._plans: dict[tuple, Plan] = {}
         self._paper: dict[tuple, int] = {}
-        self.low = min(self.config.memory_budget)
+        self.low = self.budgets[0]
         self.sequence = self.fit_sequence(self.low)
         self.configs = [(self.sequence[0][0], 0), *self.sequence]
         sizes = [self.ctx.profiler.bytes_of(self.config_plan(s, k))[1] for s, k in self.sequence]
         self.bounds = round_bounds(self.sequence[0][0], sizes, self.config.rounds)
-        self.depths = {b: self.fit_depths(b) for b in sorted(set(self.config.memory_budget)) if b > self.low}
-        self.current = 0
+        self.depths = {b: self.fit_depths(b) for b in self.budgets if b > self.low}  # the lowest: depth 1
 
     def config_plan(self, s: float, k_t: int, depth: int = 1) -> Plan:
         """Layers before K_T at full width (all but the last ``depth`` of them up to K_T frozen), a width-s head."""
@@ -238,10 +238,9 @@ class SLT(Method):
         """Index into ``configs`` of round ``rnd`` (0 = pre-training)."""
         return min(bisect.bisect_right(self.bounds, rnd), len(self.configs) - 1)
 
-    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
-        i = self.current = self.phase(rnd)  # remembered for evaluation after this round
-        budget = self.ctx.budgets[client]
-        depth = self.depths[budget][i - 1] if i > 0 and budget in self.depths else 1
+    def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:
+        i = self.phase(rnd)
+        depth = self.depths[budget][i - 1] if i > 0 and budget > self.low else 1
         return self.config_plan(*self.configs[i], depth)
 
     def schedule(self) -> list[tuple[dict, Plan]]:
@@ -263,8 +262,8 @@ class SLT(Method):
         return rows
 
     # --- evaluation -----------------------------------------------------------------------
-    def eval_model(self, global_model: FedModel) -> FedModel:
-        plan = self.config_plan(*self.configs[self.current])
+    def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
+        plan = self.config_plan(*self.configs[self.phase(rnd)])  # the configuration round ``rnd`` trained
         return extract(self.ctx.build, global_model, plan)
 
     def describe_eval(self) -> str:

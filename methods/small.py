@@ -6,13 +6,12 @@ is evaluated at that width. The width is searched on a 1/64 grid with ceil round
 """
 from __future__ import annotations
 
-from fedbench.budget import WIDTHS, fit_largest, too_small
-from fedbench.channels import first_k
-from fedbench.method import Method
+from fedbench.budget import fit_largest, too_small
+from fedbench.method import Method, register_method
 from fedbench.models import FedModel
 from fedbench.plan import Plan
-from fedbench.registry import register_method
 from fedbench.submodel import extract
+from methods._width import WIDTHS, first_k
 
 
 @register_method
@@ -21,12 +20,13 @@ class Small(Method):
     description = "FedAvg of the widest uniform-width model that fits the smallest budget (evaluated at that width)"
     paper = "Pfeiffer et al. 2023, Aggregating Capacity in FL through Successive Layer Training (arXiv 2305.17005), baseline"
     budgeted = True
+    trains_batched = True
 
     def width_plan(self, width: float) -> Plan:
         return Plan.of(first_k(self.ctx.model.full_widths, width), label=f"w={width:.4g}")
 
     def setup(self) -> None:
-        budget = min(self.config.memory_budget)
+        budget = self.budgets[0]
         profiler = self.ctx.profiler
         plans = [self.width_plan(w) for w in WIDTHS]
         best = fit_largest(plans, profiler.memory_of, budget * self.ctx.full_memory)
@@ -34,13 +34,13 @@ class Small(Method):
             raise too_small(budget, profiler.memory_of(plans[0]), self.ctx.full_memory, f"(width {WIDTHS[0]:g})")
         self.small = best
 
-    def plan(self, rnd, client, gen) -> Plan:
+    def plan(self, rnd, client, budget, gen) -> Plan:
         return self.small
 
     def schedule(self):
-        return [({"budget": min(self.config.memory_budget)}, self.small)]
+        return [({"budget": self.budgets[0]}, self.small)]
 
-    def eval_model(self, global_model: FedModel) -> FedModel:
+    def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
         return extract(self.ctx.build, global_model, self.small)
 
     def describe_eval(self) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from fedbench.aggregate import MaskedMean
-from fedbench.channels import first_k
 from fedbench.models import create_model
 from fedbench.plan import Plan
 from fedbench.submodel import build_submodel, load_slices, uploaded
+from methods._width import first_k
 
 
 def cnn():

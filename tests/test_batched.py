@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedbench import batched
-from fedbench.registry import get_method
+from fedbench.method import Method
+from fedbench.registry import list_methods
 from tests.conftest import small_run
 
 RESNET = dict(model="resnet20", dataset="synthetic:3x32:600", clients=12, clients_per_round=4)
@@ -54,7 +55,7 @@ def float64(monkeypatch):
     def switch(run) -> None:
         torch.set_default_dtype(torch.float64)  # new modules and normalised inputs
         run.model.double()
-        monkeypatch.setattr(run.method, "evaluate", lambda model: {})
+        monkeypatch.setattr(run.method, "evaluate", lambda model, rnd: {})
     yield switch
     torch.set_default_dtype(default)
 
@@ -110,7 +111,7 @@ def test_train_group_matches_local_train_client_by_client(float64):
     """Weights, BatchNorm running statistics and losses of each client, ragged sizes included (float64)."""
     run = small_run(method="fedavg", partition="dirichlet:0.3", **{**RESNET, "clients_per_round": 3})
     float64(run)
-    method, plan, lr = run.method, run.method.plan(0, 0, None), 0.05
+    method, plan, lr = run.method, run.method.plan(0, 0, 1.0, None), 0.05
     datas = [run.client_data(c) for c in (0, 1, 2)]
     assert len({len(d) for d in datas}) == 3
     gens = lambda: [torch.Generator().manual_seed(c) for c in (0, 1, 2)]  # noqa: E731
@@ -125,8 +126,18 @@ def test_train_group_matches_local_train_client_by_client(float64):
         assert result.samples == alone.samples
 
 
-def test_only_methods_with_the_default_local_training_are_batched():
-    for name in ("fedavg", "small", "heterofl", "fedrolex", "fd", "slt"):
-        assert batched.supports(get_method(name)), name
-    for name in ("fedepth", "mfedepth", "lw-fedssl", "prog-fedssl", "fedssl", "fll-dd"):
-        assert not batched.supports(get_method(name)), name
+def test_only_methods_that_declare_it_and_keep_the_default_local_training_are_batched():
+    assert {m.name for m in list_methods() if m.trains_batched} == {"fedavg", "small", "heterofl", "fedrolex",
+                                                                     "fd", "slt"}
+    for m in list_methods():  # a declaration its hooks contradicted would batch another objective
+        assert not m.trains_batched or (m.local_train is Method.local_train and m.trainer is Method.trainer), m.name
+
+
+def test_the_engine_batches_by_the_declaration_not_by_the_hooks(monkeypatch):
+    """FedAvg's hooks with ``trains_batched = False`` (as a loss drawing its own randomness would declare):
+    its clients train one at a time even with ``--client-batching on``."""
+    run = small_run(client_batching="on", rounds=1)
+    monkeypatch.setattr(type(run.method), "trains_batched", False)
+    monkeypatch.setattr(batched, "train_group", lambda *a: pytest.fail("trained batched"))
+    run.execute()
+    assert run.rows[0]["clients"] == 4

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fedbench.aggregate import MaskedMean
-from fedbench.channels import first_k, random, rolling
 from fedbench.models import create_model
 from fedbench.plan import Plan
 from fedbench.seeding import generator
 from fedbench.submodel import build_submodel, load_slices, uploaded
+from methods._width import first_k, random, rolling
 
 
 def test_first_k_is_nested_across_widths():

@@ -169,7 +169,7 @@ class OverBudget(FedAvg):
 
 
 def test_grid_axes_overrides_and_method_options(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._METHODS, OverBudget.name, OverBudget)
+    monkeypatch.setitem(registry.METHODS, OverBudget.name, OverBudget)
     spec = {"method": ["fedavg", "over-budget"], "memory_budget": [0.25, [0.125, 0.5]], "seed": [0, 1],
             "lr": [0.1, 0.05], "extra": [1, 2], "overrides": {"over-budget": {"lr": 0.2}}, "out": str(tmp_path)}
     cells = {c.name: c.config for c in compare.grid(spec).cells}
@@ -182,7 +182,7 @@ def test_grid_axes_overrides_and_method_options(tmp_path, monkeypatch):
 
 
 def test_check_fails_on_a_violation_and_records_a_failed_cell(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._METHODS, OverBudget.name, OverBudget)
+    monkeypatch.setitem(registry.METHODS, OverBudget.name, OverBudget)
     out = tmp_path / "sweep"
     result = invoke("compare", "--methods", "over-budget,small", "--memory-budget", "0.001", *TINY,
                     "--rounds", "1", "--eval-every", "1", "--out", str(out), "--check")

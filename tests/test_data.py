@@ -249,3 +249,26 @@ def test_synthetic_with_shape_and_size():
     with pytest.raises(ConfigError) as e:
         load_dataset("synthetic:3by32")
     assert e.value.flag == "--dataset"
+
+
+def test_imagefolder_cache_write_never_follows_a_planted_link(tmp_path):
+    _write_folder(tmp_path)
+    victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / (data.IMAGEFOLDER_CACHE + ".tmp")).symlink_to(victim)   # where the cache used to be staged
+    (tmp_path / data.IMAGEFOLDER_CACHE).symlink_to(victim)              # the cache itself
+    ds = load_dataset(f"imagefolder:{tmp_path}")
+    assert victim.read_text() == "keep me"
+    cache = tmp_path / data.IMAGEFOLDER_CACHE
+    assert cache.is_file() and not cache.is_symlink()
+    assert torch.equal(data._read_cache(cache)["train_y"].sort().values, ds.train_y.sort().values)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp" and not p.is_symlink()]
+
+
+def test_a_constant_channel_normalises_to_finite_values():
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    x[:, 2] = 9
+    mean, std = data._channel_stats(x)
+    assert std[2] == 1.0 and mean[2] == pytest.approx(9 / 255)
+    ds = Dataset("c", x, torch.zeros(6, dtype=torch.long), x, torch.zeros(6, dtype=torch.long), 1, mean, std, False)
+    assert torch.isfinite(normalize(x, ds)).all()

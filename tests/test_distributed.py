@@ -10,14 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
+from fedbench import registry
 from fedbench.aggregate import MaskedMean
-from fedbench.channels import first_k
 from fedbench.config import resolve
 from fedbench.distributed import Group
 from fedbench.engine import prepare
 from fedbench.errors import ConfigError
 from fedbench.models import create_model
 from fedbench.plan import Plan
+from fedbench.registry import list_methods
+from methods._width import first_k
+from methods.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--clients", "12", "--clients-per-round", "5", "--rounds", "2", "--eval-every", "1", "--device", "cpu",
@@ -73,9 +76,21 @@ def test_all_reduced_masked_sums_equal_one_process():
             torch.testing.assert_close(result[name], value)
 
 
-def test_methods_with_state_of_their_own_are_refused_across_processes():
+class ServerState(FedAvg):
+    """Checkpointed state of the server's (the same in every process), no client's own."""
+
+    name = "server-state"
+
+    def state_dict(self) -> dict:
+        return {"rounds": 0}
+
+
+def test_methods_with_per_client_state_are_refused_across_processes_as_declared(monkeypatch):
     with pytest.raises(ConfigError, match="one process"):
         prepare(resolve({"method": "fedepth", "device": "cpu", "quiet": True}), group=Group(0, 2))
+    assert {m.name for m in list_methods() if m.keeps_client_state} == {"fedepth", "mfedepth"}
+    monkeypatch.setitem(registry.METHODS, ServerState.name, ServerState)  # state, but not per client: allowed
+    prepare(resolve({"method": "server-state", "device": "cpu", "quiet": True}), group=Group(0, 2))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedbench.budget import client_budgets, draw_budgets
 from fedbench.checkpoint import Checkpointer, restore
 from fedbench.cli import app
 from fedbench.config import resolve
-from fedbench.engine import Observer, client_budgets, draw_budgets, prepare
+from fedbench.engine import Observer, prepare
 from fedbench.observers import RunFiles
 from tests.conftest import small_run, timing_free
 
@@ -111,3 +112,22 @@ def test_per_round_budget_assignment_redraws_budgets_and_stays_within_them():
             by_client.setdefault(c, set()).add(b)
     assert {b for bs in by_client.values() for b in bs} == {0.25, 1.0}
     assert draw_budgets((0.25, 1.0), 20, 0, 1) != draw_budgets((0.25, 1.0), 20, 0, 2)  # redrawn each round
+
+
+def test_per_round_budgets_that_no_fixed_group_holds_get_the_width_resolved_for_them():
+    """2 clients, budgets 0.25,0.5,1 drawn per round: the fixed groups hold 0.25 and 0.5 only, round 2 draws 1.
+    Every budget of the list is resolved at setup, and each client-round trains its drawn budget's width."""
+    run = small_run(method="heterofl", clients=2, clients_per_round=2, rounds=2, memory_budget="0.25,0.5,1",
+                    budget_assignment="per-round")
+    assert run.method.widths.keys() == {0.25, 0.5, 1.0}
+    records = []
+
+    class Watch(Observer):
+        def after_round(self, run, row, clients):
+            records.extend(clients)
+
+    summary = run.execute([Watch()])
+    assert summary["violations"] == 0 and len(records) == 4 and 1.0 in {r["budget"] for r in records}
+    for r in records:
+        assert r["budget"] == draw_budgets((0.25, 0.5, 1.0), 2, 0, r["round"] - 1)[r["client"]]
+        assert r["config"] == run.method.width_plan(run.method.widths[r["budget"]]).label

@@ -66,7 +66,8 @@ def _colour_folder(root, size=(32, 32)) -> str:
         for label in range(2):
             (root / split / f"c{label}").mkdir(parents=True)
             for i in range(10):
-                Image.new("RGB", size, (label * 200, i * 20, 9)).save(root / split / f"c{label}" / f"{i}.png")
+                # no constant channel: its std would be 0, normalising it NaN, and the run would diverge (exit 3)
+                Image.new("RGB", size, (label * 200, i * 20, 9 + i)).save(root / split / f"c{label}" / f"{i}.png")
     return f"imagefolder:{root}"
 
 

@@ -1,18 +1,20 @@
 """The profiler: exact CPU live-tensor meter, breakdown, width/freezing effects, FLOPs, CUDA agreement."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from fedbench.channels import first_k
 from fedbench.config import resolve
 from fedbench.data import Dataset
-from fedbench.method import Context, Method
+from fedbench.method import Context, Method, NoOptions
 from fedbench.models import create_model
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.profiler import Live, Profiler
 from fedbench.submodel import build_submodel
+from methods._width import first_k
 from tests.conftest import needs_cuda
 
 
@@ -32,11 +34,9 @@ def profiler_for(build, sample_shape, batch, device="cpu", classes=10):
                  torch.zeros((1, *sample_shape), dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
                  classes, (0.5,) * sample_shape[0], (0.5,) * sample_shape[0], False)
     model = build().to(device)
-    holder = {}
-    prof = Profiler(lambda plan: build_submodel(build, model, plan),
-                    lambda m, plan, step: holder["m"].trainer(m, plan, step, 0.1),
-                    sample_shape, classes, batch, torch.device(device))
-    holder["m"] = Method(Context(cfg, ds, model, build, prof, [1.0]))
+    prof = Profiler(partial(build_submodel, build, model), sample_shape, classes, batch, torch.device(device))
+    method = Method(Context(cfg, ds, model, build, prof, NoOptions()))
+    prof.bind(partial(method.trainer, lr=0.1))
     return prof, model
 
 

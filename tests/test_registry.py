@@ -8,6 +8,7 @@ import pytest
 from fedbench.observers import RunFiles
 from fedbench.registry import get_method, list_methods
 from fedbench.report import read_run
+from fedbench.seeding import generator
 from tests.conftest import small_run
 
 # Budget 1: every method's smallest configuration fits it (budget-specific behaviour is each method's own tests).
@@ -28,3 +29,16 @@ def test_every_method_trains_and_writes_a_run_the_report_reads(method, tmp_path)
     for key in ("peak_max_bytes", "train_flops_per_client_round", "bytes_down_per_client_round",
                 "bytes_up_per_client_round"):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_plans_do_not_depend_on_the_order_they_are_asked_for(method):
+    """A plan is a function of (round, client, budget, generator) and of what ``setup`` resolved, so asked for
+    back to front every method gives the plans it gives front to back (no hook keeps what another reads)."""
+    run = small_run(method=method, **TINY, **(SUPERVISED if get_method(method).supervised else SELF_SUPERVISED))
+    asked = [(r, c) for r in range(run.config.rounds) for c in range(4)]
+
+    def plans(order):
+        return {(r, c): run.method.plan(r, c, 1.0, generator(0, "client", r, c)) for r, c in order}
+
+    assert plans(asked) == plans(reversed(asked))

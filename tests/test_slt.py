@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from fedbench.cli import app
 from fedbench.config import resolve
 from fedbench.engine import Observer, Run, prepare
+from fedbench.method import evaluate_on_test
 from fedbench.models import scaled
 from fedbench.seeding import generator
 from fedbench.submodel import uploaded
@@ -102,15 +103,28 @@ def test_measured_sequence_fits_each_step_and_ends_at_full_width(resnet_run):
     assert [m.phase(r) for r in (0, m.bounds[0] - 1, m.bounds[0], 999)] == [0, 0, 1, len(m.sequence)]
 
 
+def test_evaluation_follows_the_round_not_the_last_plan_call(resnet_run):
+    """After a round of the last configuration (s = 1) the full model is evaluated, with no plan call before
+    it and whatever plan was asked for last; after a pre-training round, the width-s1 model."""
+    run = resnet_run
+    m, last = run.method, run.method.bounds[-2]  # the first round of the last configuration
+    full = evaluate_on_test(run.model, run.dataset)
+    assert m.evaluate(run.model, last) == full
+    m.plan(0, 0, 0.25, generator(0))  # a pre-training plan in between changes nothing
+    assert m.evaluate(run.model, last) == full
+    assert m.eval_model(run.model, 0).widths == m.config_plan(*m.configs[0]).widths(run.model.full_widths)
+
+
 def test_mixed_budgets_train_more_full_width_layers_within_each_budget():
     """cnn, budgets 0.5 and 1: the sequence fits 0.5; budget-1 clients also train layer K_T-1 (§5.4.3)."""
     run = small_run(method="slt", model="cnn", memory_budget="0.5,1", rounds=30, eval_every=30)
     m = run.method
     assert [k for _, k in m.sequence] == [1, 2] and m.depths == {1.0: [1, 2]}
-    weak = [c for c in range(20) if run.ctx.budgets[c] == 0.5]
-    strong = [c for c in range(20) if run.ctx.budgets[c] == 1]
+    budgets = run.budgets(0)
+    weak = [c for c in range(20) if budgets[c] == 0.5]
+    strong = [c for c in range(20) if budgets[c] == 1]
     for rnd in range(30):  # a plan depends on the round and the client's budget only
-        plans = {c: m.plan(rnd, c, generator(rnd, c)) for c in (weak[0], weak[-1], strong[0], strong[-1])}
+        plans = {c: m.plan(rnd, c, budgets[c], generator(rnd, c)) for c in (weak[0], weak[-1], strong[0], strong[-1])}
         assert plans[weak[0]] == plans[weak[-1]] and plans[strong[0]] == plans[strong[-1]]
         assert plans[weak[0]].indices == plans[strong[0]].indices   # same configuration
     run.start_round = 28                    # two rounds of the last configuration, K_T = 2 (conv1 frozen at 0.5)
@@ -128,7 +142,7 @@ def test_frozen_layers_get_no_gradient_keep_their_values_and_are_not_sent_back(r
     m = run.method
     s, k_t = m.sequence[5]
     rnd = m.bounds[5]                       # first round of configuration K_T = 6: layer 6 is blocks.2.conv1
-    plan = m.plan(rnd, 0, generator(0))
+    plan = m.plan(rnd, 0, 0.25, generator(0))
     assert m.configs[m.phase(rnd)] == (s, k_t) == (s, 6) and plan == m.config_plan(s, k_t)
     frozen = {n for _, names in m.layers[:k_t - 1] for n in names}
     assert {"stem.0.weight", "blocks.1.conv2.weight"} <= frozen and "blocks.2.conv1.weight" not in frozen

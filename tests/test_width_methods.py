@@ -10,8 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedbench.budget import WIDTHS
-from fedbench.channels import first_k
 from fedbench.cli import app
 from fedbench.data import load_dataset, normalize
 from fedbench.engine import Observer, Run
@@ -19,7 +17,7 @@ from fedbench.models import create_model, scaled
 from fedbench.plan import Plan
 from fedbench.seeding import sample_clients
 from fedbench.submodel import build_submodel, load_slices
-from fedbench.width import classifier, static_bn
+from methods._width import WIDTHS, classifier, first_k, static_bn
 from tests.conftest import small_run
 
 METHODS = ("heterofl", "fedrolex", "fd")
@@ -85,7 +83,7 @@ def test_masked_loss_gives_absent_classes_no_gradient(variant, masked):
     run = small_run(method="heterofl", partition="shards:2", variant=variant, weight_decay=0.0)
     data, labels = run.client_data(0), run.ctx.client_labels[0]
     assert len(labels) <= 2
-    plan = run.method.plan(0, 0, torch.Generator())
+    plan = run.method.plan(0, 0, 1.0, torch.Generator())
     model = run.submodel(plan)
     before = _head_rows(model)
     run.method.local_train(model, data, plan, 0.05, torch.Generator().manual_seed(0))
@@ -112,10 +110,10 @@ def test_classifier_rows_of_labels_no_client_held_stay_unchanged(variant, label_
 def test_slt_variant_evaluates_at_the_largest_width_and_fd_can_send_a_seed():
     run = small_run(method="heterofl", variant="slt", memory_budget="0.25")
     width = run.method.widths[0.25]
-    assert run.method.eval_model(run.model).widths == run.method.width_plan(width).widths(run.model.full_widths)
+    assert run.method.eval_model(run.model, 0).widths == run.method.width_plan(width).widths(run.model.full_widths)
     assert run.method.width_plan(width).widths(run.model.full_widths)["conv1"] == scaled(32, width, "floor")
     fd = small_run(method="fd", memory_budget="0.25", index_encoding="seed")
-    assert fd.method.plan(0, 0, torch.Generator()).index_bytes == 8
+    assert fd.method.plan(0, 0, 0.25, torch.Generator()).index_bytes == 8
 
 
 def test_static_bn_accumulates_training_set_statistics_and_changes_evaluation():

@@ -1,11 +1,11 @@
-"""Width-based partial training (HeteroFL, FedRolex, Federated Dropout): what the three share.
+"""Width-based partial training (HeteroFL, FedRolex, Federated Dropout; SLT's and small's heads): what they share.
 
-A client with budget b trains a width-w sub-model: w is the largest width on the
-``budget.WIDTHS`` grid whose *measured* training memory (``profiler.memory_of``) fits
-b x the full model's memory (searched once per distinct budget in ``setup``; b >= 1 means
-full width). The methods differ only in which channels a width-w client holds (the index
-policy, ``indices``) and in a few training details, collected per published variant in a
-``Recipe`` (methods-width-slt.md §2.3, §3.2, §4.2, §5.7):
+A client with budget b trains a width-w sub-model: w is the largest width on the ``WIDTHS``
+grid whose *measured* training memory (``profiler.memory_of``) fits b x the full model's
+memory (searched once per budget a client can receive, in ``setup``; b >= 1 means full
+width). The methods differ only in which channels a width-w client holds (the index policy:
+``first_k``, ``rolling``, ``random``) and in a few training details, collected per published
+variant in a ``Recipe`` (methods-width-slt.md §2.3, §3.2, §4.2, §5.7):
 
 - ``rounding``: channels kept per group, ceil(w C) (HeteroFL/FedRolex code) or floor (FedRolex
   Eq. 4, SLT's baselines);
@@ -16,6 +16,10 @@ policy, ``indices``) and in a few training details, collected per published vari
 - ``sbn``: HeteroFL's static-BN statistics pass before evaluation (``static_bn``);
 - ``eval_width``: evaluate the full-width model, or the largest client width (SLT's HeteroFL).
 
+Every index policy keeps ``scaled(C, w, rounding)`` channels of a group of C channels and returns
+sorted global indices. Groups joined by identity shortcuts (``FedModel.tied_groups()``) get one
+shared index set, so residual additions line up (methods-width-slt.md §6 item 2).
+
 Aggregation is the engine's masked mean (each element over the clients holding it). The
 papers average without client weights; with fedbench's iid and shard partitions (equal client
 sizes) ``--weighting samples`` is identical, for unequal partitions pass ``--weighting uniform``.
@@ -23,23 +27,65 @@ sizes) ``--weighting samples`` is identical, for unequal partitions pass ``--wei
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedbench.aggregate import MaskedMean
-from fedbench.budget import WIDTHS, fit_largest, too_small
-from fedbench.channels import first_k
+from fedbench.budget import fit_largest, too_small
 from fedbench.data import Dataset, normalize
 from fedbench.errors import ConfigError
 from fedbench.method import ClientData, Method
-from fedbench.models import FedModel
+from fedbench.models import FedModel, scaled
 from fedbench.plan import Plan, Step
 from fedbench.submodel import extract, uploaded
+
+WIDTHS = tuple(k / 64 for k in range(1, 65))  # the width grid searched by width-based methods
+
+
+# --- index policies: which global channels of each group a width-w client holds ---------------
+
+def first_k(full: Mapping[str, int], width: float, rounding: str = "ceil") -> dict[str, range]:
+    """The first ceil/floor(w * C) channels of every group (HeteroFL §2.1; nested sub-models)."""
+    return {g: range(scaled(c, width, rounding)) for g, c in full.items()}
+
+
+def _tied(full: Mapping[str, int], ties: Sequence[Sequence[str]], width: float, rounding: str,
+          choose: Callable[[int, int], list[int]]) -> dict[str, list[int]]:
+    """``choose(C, k)`` once per independent group (in ``full``'s order); tied groups share their leader's set."""
+    leader = {g: tie[0] for tie in ties for g in tie}
+    for tie in ties:
+        if len({full[g] for g in tie}) > 1:
+            raise ValueError(f"tied groups {tie} have different widths")
+    out: dict[str, list[int]] = {}
+    for g in full:
+        lead = leader.get(g, g)
+        if lead not in out:
+            out[lead] = sorted(choose(full[lead], scaled(full[lead], width, rounding)))
+        out[g] = out[lead]
+    return out
+
+
+def rolling(full: Mapping[str, int], width: float, rnd: int, ties: Sequence[Sequence[str]] = (),
+            rounding: str = "floor") -> dict[str, list[int]]:
+    """FedRolex's window (Alam et al. 2022, Eq. 4): k consecutive cyclic indices from ``rnd mod C``.
+
+    Shared by every client of a round (a narrower client holds a prefix of the same window);
+    the window advances one channel per round, so every channel is covered over C rounds.
+    """
+    return _tied(full, ties, width, rounding, lambda c, k: [(rnd + i) % c for i in range(k)])
+
+
+def random(full: Mapping[str, int], width: float, gen: torch.Generator, ties: Sequence[Sequence[str]] = (),
+           rounding: str = "floor") -> dict[str, list[int]]:
+    """Federated Dropout's subset (Caldas et al. 2018; SLT's FD, methods-width-slt.md §3.2):
+    a uniform random k-subset per group, drawn from ``gen`` (per client, round and layer)."""
+    return _tied(full, ties, width, rounding,
+                 lambda c, k: torch.randperm(c, generator=gen, device=gen.device)[:k].tolist())
 
 
 @dataclass(frozen=True)
@@ -64,7 +110,8 @@ SLT = Recipe(rounding="floor")
 
 @dataclass(frozen=True)
 class WidthOptions:
-    variant: str = "paper"   # which published version to run; each method lists its variants
+    variant: Annotated[Literal["paper", "fedrolex-code", "slt"],
+                       "which published version to run (each method's docstring describes its variants)"] = "paper"
 
 
 def classifier(model: FedModel) -> tuple[str, str]:
@@ -112,6 +159,7 @@ class WidthMethod(Method):
 
     Options = WidthOptions
     budgeted = True
+    trains_batched = True
     recipes: ClassVar[dict[str, Recipe]] = {}
     policy: ClassVar[str] = ""   # how a width-w client's channels are chosen (shown by ``fedbench profile``)
 
@@ -154,10 +202,10 @@ class WidthMethod(Method):
         return best
 
     def setup(self) -> None:
-        self.widths = {b: self.fit_width(b) for b in sorted(set(self.ctx.budgets))}
+        self.widths = {b: self.fit_width(b) for b in self.budgets}
 
-    def plan(self, rnd: int, client: int, gen: torch.Generator) -> Plan:
-        width = self.widths[self.ctx.budgets[client]]
+    def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:
+        width = self.widths[budget]
         return self.width_plan(width, self.indices(width, rnd, client, gen) if width < 1 else None)
 
     def schedule(self) -> list[tuple[dict, Plan]]:
@@ -191,7 +239,7 @@ class WidthMethod(Method):
     def eval_width(self) -> float:
         return max(self.widths.values()) if self.recipe.eval_width == "largest" else 1.0
 
-    def eval_model(self, global_model: FedModel) -> FedModel:
+    def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
         model, width = global_model, self.eval_width()
         if width < 1:
             plan = self.width_plan(width)

@@ -20,7 +20,7 @@ import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from fedbench.method import Method, Trainer
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.seeding import generator
+from fedbench.settings import Range
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -270,15 +271,15 @@ def online_macs(model: SSLModel, step: Step, x: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class SSLOptions:
-    tau: float = 0.05                   # InfoNCE / NT-Xent temperature (LW-FedSSL §4.1)
-    ema: float = 0.99                   # MoCo v3 target momentum mu (LW-FedSSL §4.1)
-    optimizer: str = "adamw"            # adamw (paper) or sgd (--lr, --momentum, --weight-decay)
-    base_lr: float = 1.5e-4             # AdamW lr per 256 samples (paper: 3e-4 at batch 512)
-    adamw_weight_decay: float = 1e-5
-    eval: str = "linear"                # linear (probe on frozen features) or finetune
-    probe_epochs: int = 100
-    finetune_epochs: int = 5
-    eval_samples: int = 0               # labelled train images used by the evaluation (0: all)
+    tau: Annotated[float, Range(gt=0, le=100), "InfoNCE / NT-Xent temperature (LW-FedSSL §4.1)"] = 0.05
+    ema: Annotated[float, Range(ge=0, lt=1), "MoCo v3 target momentum mu (LW-FedSSL §4.1)"] = 0.99
+    optimizer: Annotated[Literal["adamw", "sgd"], "adamw (paper) or sgd (--lr, --momentum, --weight-decay)"] = "adamw"
+    base_lr: Annotated[float, Range(gt=0, le=100), "AdamW lr per 256 samples (paper: 3e-4 at batch 512)"] = 1.5e-4
+    adamw_weight_decay: Annotated[float, Range(ge=0, le=1), "AdamW weight decay"] = 1e-5
+    eval: Annotated[Literal["linear", "finetune"], "linear (probe on frozen features) or finetune"] = "linear"
+    probe_epochs: Annotated[int, Range(ge=1, le=10_000), "epochs of the linear probe"] = 100
+    finetune_epochs: Annotated[int, Range(ge=1, le=10_000), "epochs of fine-tuning (--eval finetune)"] = 5
+    eval_samples: Annotated[int, Range(ge=0), "labelled train images used by the evaluation (0: all)"] = 0
 
 
 class SSLMethod(Method):
@@ -318,7 +319,7 @@ class SSLMethod(Method):
         return Plan.of(steps=(Step(trainable=self.trainable(range(len(self.ctx.model.blocks)), stem=True)),),
                        label="end-to-end")
 
-    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float) -> Trainer:
+    def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float, client: int | None = None) -> Trainer:
         return SSLTrainer(self, model, plan, step, lr)
 
     # --- evaluation -----------------------------------------------------------------------
@@ -330,7 +331,7 @@ class SSLMethod(Method):
         return (f"linear-probe top-1: frozen encoder (all blocks), linear classifier on standardised features, "
                 f"{o.probe_epochs} epochs on {data}, test split")
 
-    def evaluate(self, global_model: FedModel) -> dict[str, float]:
+    def evaluate(self, global_model: FedModel, rnd: int) -> dict[str, float]:
         ds, o = self.dataset, self.options
         gen = generator(self.config.seed, "ssl-eval", device=self.ctx.device)
         n = len(ds.train_y)
