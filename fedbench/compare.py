@@ -253,7 +253,9 @@ def run_cell(cell: Cell) -> Outcome:
         record_failure(cell, message, traceback.format_exc())
         return Outcome(cell.name, False, message, time.perf_counter() - t0, time.process_time() - cpu0)
     acc = summary["final_accuracy"]
-    return Outcome(cell.name, True, "accuracy " + ("-" if acc is None else f"{acc:.4f}"),
+    message = (f"diverged in round {summary['diverged_round']}" if summary.get("status") == "diverged"
+               else "accuracy " + ("-" if acc is None else f"{acc:.4f}"))
+    return Outcome(cell.name, True, message,
                    time.perf_counter() - t0, time.process_time() - cpu0)
 
 

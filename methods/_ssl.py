@@ -290,17 +290,6 @@ class SSLMethod(Method):
     preferred_model = "vit-tiny"          # the papers' backbone
     objective: ClassVar[str] = "mocov3"   # or "simclr" (fixes whether the model holds a predictor)
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        o = self.options
-        checks = (("optimizer", o.optimizer in ("adamw", "sgd"), "adamw, sgd"), ("tau", o.tau > 0, "> 0"),
-                  ("eval", o.eval in ("linear", "finetune"), "linear, finetune"), ("ema", 0 <= o.ema < 1, "in [0, 1)"),
-                  ("base_lr", o.base_lr > 0, "> 0"), ("probe_epochs", o.probe_epochs >= 1, ">= 1"),
-                  ("finetune_epochs", o.finetune_epochs >= 1, ">= 1"), ("eval_samples", o.eval_samples >= 0, ">= 0"))
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError("--" + key.replace("_", "-"), f"{getattr(o, key)!r} not allowed; allowed: {allowed}")
-
     @classmethod
     def build_global(cls, build: "Callable[..., FedModel]") -> FedModel:
         return cls.client_builder(build)()

@@ -27,12 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fedbench.errors import ConfigError
 from fedbench.method import register_method
 from methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions, random
-
-ENCODINGS = ("int32", "seed")
-
 
 @dataclass(frozen=True)
 class FDOptions(WidthOptions):
@@ -49,12 +45,6 @@ class FederatedDropout(WidthMethod):
     Options = FDOptions
     recipes = {"paper": SLT, "slt": SLT, "fedrolex-code": HETEROFL_CODE}
     policy = "random channel subset per client, round and layer"
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        if self.options.index_encoding not in ENCODINGS:
-            raise ConfigError("--index-encoding", f"{self.options.index_encoding!r} not allowed; "
-                              f"allowed: {', '.join(ENCODINGS)}")
 
     def indices(self, width, rnd, client, gen):
         return random(self.ctx.model.full_widths, width, gen, self.ctx.model.tied_groups(), self.recipe.rounding)

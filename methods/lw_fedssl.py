@@ -54,8 +54,6 @@ class LayerWise(SSLMethod):
         depth, per = len(ctx.model.blocks), self.options.blocks_per_stage
         if not 1 <= per <= depth:
             raise ConfigError("--blocks-per-stage", f"{per} not allowed; allowed: 1..{depth} (the model's depth)")
-        if self.options.rounds_per_stage < 0:
-            raise ConfigError("--rounds-per-stage", f"{self.options.rounds_per_stage} not allowed; must be >= 0")
         self.stages = [tuple(range(i, min(i + per, depth))) for i in range(0, depth, per)]
         if not self.options.rounds_per_stage and self.config.rounds < len(self.stages):
             raise ConfigError("--rounds", f"{self.config.rounds} rounds cannot cover {len(self.stages)} stages; "

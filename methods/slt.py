@@ -63,7 +63,6 @@ from fedbench.plan import Plan, Step
 from fedbench.submodel import build_submodel, extract, set_trainable
 from methods._width import first_k
 
-MEMORY_MODELS = ("measured", "paper")
 PAPER_BATCH = 32  # SLT's estimator input (memory/memory_configs_slt.py)
 S_STEP = 1000     # s is lowered in steps of 1/1000 (§5.3)
 
@@ -126,9 +125,6 @@ class SLT(Method):
 
     # --- configurations -------------------------------------------------------------------
     def setup(self) -> None:
-        if self.options.slt_memory_model not in MEMORY_MODELS:
-            raise ConfigError("--slt-memory-model", f"{self.options.slt_memory_model!r} not allowed; "
-                              f"allowed: {', '.join(MEMORY_MODELS)}")
         self.layers = self.ctx.model.layer_groups()
         if len(self.layers) < 2:
             raise ConfigError("--model", f"SLT needs a model of at least 2 layers; {self.config.model} "
