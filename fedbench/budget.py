@@ -40,10 +40,19 @@ def fit_largest(candidates: Sequence[T], memory: Callable[[T], int], budget: flo
     return best
 
 
-def too_small(fraction: float, smallest: int, full: int, what: str) -> ConfigError:
-    return ConfigError("--memory-budget", f"{fraction:g} is below the smallest configuration {what}, which "
-                       f"measures {smallest / full:.3f} of the full model's training memory; "
-                       f"allowed: budgets >= {smallest / full:.3f}")
+class Infeasible(ConfigError):
+    """A budget below the method's measured floor on this model: ``floor`` is the smallest budget it can meet
+    (a fraction of the full model's training memory); ``fedbench compare`` shows such a cell as infeasible."""
+
+    def __init__(self, message: str, floor: float):
+        super().__init__("--memory-budget", message)
+        self.floor = floor
+
+
+def too_small(fraction: float, smallest: int, full: int, what: str) -> Infeasible:
+    floor = smallest / full
+    return Infeasible(f"{fraction:g} is below the smallest configuration {what}, which measures {floor:.3f} of "
+                      f"the full model's training memory; allowed: budgets >= {floor:.3f}", floor)
 
 
 def budget_order(labels) -> list[str]:

@@ -353,7 +353,8 @@ def compare(ctx: typer.Context,
 
 
 def print_outcome(o) -> None:
-    err.print(f"{'done' if o.ok else 'FAILED'} {o.cell}: {o.message} ({o.seconds:.0f} s, CPU {o.cpu_seconds:.0f} s)",
+    status = "done" if o.ok else "infeasible" if o.floor is not None else "FAILED"
+    err.print(f"{status} {o.cell}: {o.message} ({o.seconds:.0f} s, CPU {o.cpu_seconds:.0f} s)",
               highlight=False, soft_wrap=True)
 
 

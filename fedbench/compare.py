@@ -82,6 +82,7 @@ class Outcome:
     seconds: float            # wall time
     cpu_seconds: float        # CPU time of the process (all its threads) while the cell ran
     died: bool = False        # its worker process died (killed, out of memory) before it could report
+    floor: float | None = None  # the budget is below the method's measured floor (infeasible, not failed)
 
 
 # --- the grid --------------------------------------------------------------------------------
@@ -136,8 +137,26 @@ def grid(spec: dict[str, Any]) -> Grid:
                 datasets[key] = dataset_of(cfg)
             cells.append(Cell(name, for_dataset(cfg, datasets[key]), datasets[key].num_classes))
     cells.sort(key=lambda c: seeds.index(c.config.seed))  # a whole table at the first seed comes first
+    one_model(cells)
     check_folders(cells)
     return Grid(root, cells, jobs)
+
+
+def one_model(cells: list[Cell]) -> None:
+    """Every supervised method of a grid trains the same model (budgets are fractions of its full memory), and
+    so does every self-supervised one: a model is never a per-method switch of a comparison."""
+    for supervised in (True, False):
+        models: dict[str, list[str]] = {}
+        for cell in cells:
+            if get_method(cell.config.method).supervised == supervised:
+                models.setdefault(cell.config.model, [])
+                if cell.config.method not in models[cell.config.model]:
+                    models[cell.config.model].append(cell.config.method)
+        if len(models) > 1:
+            kind = "supervised" if supervised else "self-supervised"
+            used = "; ".join(f"{m} ({', '.join(names)})" for m, names in models.items())
+            raise ConfigError("--model", f"the {kind} methods of one comparison must train one model, but the cells "
+                                         f"use {used}; set one --model (or one model in [overrides.{SELF_SUPERVISED}])")
 
 
 def method_list(value: Any) -> list[str]:
@@ -250,8 +269,9 @@ def run_cell(cell: Cell) -> Outcome:
             summary = runner.execute([RunFiles(folder), checkpoints])
     except Exception as e:  # the sweep's error boundary: recorded in the cell folder and in the table
         message = f"{e.flag}: {e.message}" if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-        record_failure(cell, message, traceback.format_exc())
-        return Outcome(cell.name, False, message, time.perf_counter() - t0, time.process_time() - cpu0)
+        floor = getattr(e, "floor", None)
+        record_failure(cell, message, traceback.format_exc(), floor)
+        return Outcome(cell.name, False, message, time.perf_counter() - t0, time.process_time() - cpu0, floor=floor)
     acc = summary["final_accuracy"]
     message = (f"diverged in round {summary['diverged_round']}" if summary.get("status") == "diverged"
                else "accuracy " + ("-" if acc is None else f"{acc:.4f}"))
@@ -259,14 +279,16 @@ def run_cell(cell: Cell) -> Outcome:
                    time.perf_counter() - t0, time.process_time() - cpu0)
 
 
-def record_failure(cell: Cell, message: str, trace: str = "") -> None:
-    """failed.json in the cell's folder, beside a config.toml (so that ``report`` lists the cell as failed)."""
+def record_failure(cell: Cell, message: str, trace: str = "", floor: float | None = None) -> None:
+    """failed.json in the cell's folder, beside a config.toml (so that ``report`` lists the cell as failed, or
+    as infeasible when the budget is below the method's measured ``floor``)."""
     from fedbench.observers import to_toml, write_atomic
 
     cell.folder.mkdir(parents=True, exist_ok=True)
     if not (cell.folder / "config.toml").exists():
         write_atomic(cell.folder / "config.toml", to_toml(cell.config.to_dict()))
-    write_atomic(cell.folder / FAILED, json.dumps({"error": message, "traceback": trace}, indent=1))
+    record = {"error": message, "traceback": trace} | ({} if floor is None else {"infeasible_floor": floor})
+    write_atomic(cell.folder / FAILED, json.dumps(record, indent=1))
 
 
 def limit_threads(threads: int) -> None:

@@ -30,8 +30,8 @@ class RunConfig:
     dataset: Annotated[str, "fmnist-mini (embedded), fashion-mnist, mnist, cifar10, cifar100, synthetic[:CxS:N], "
                             "imagefolder:PATH."] = "fmnist-mini"
     data_dir: Annotated[str | None, "Folder with the dataset files (downloaded there when online)."] = None
-    model: Annotated[str | None, "cnn, resnet20, ... (default: the method's preferred model, else cnn for "
-                                 "1-channel data, else resnet20)."] = None
+    model: Annotated[str | None, "resnet20, preresnet20, fedavg-cnn, vit-tiny, ... (default: resnet20; the "
+                                 "self-supervised methods: vit-tiny)."] = None
     clients: Annotated[int, Range(ge=1, le=10_000_000), "Number of clients."] = 100
     clients_per_round: Annotated[int, Range(ge=1, le=10_000_000), "Clients sampled each round."] = 10
     rounds: Annotated[int, Range(ge=1, le=1_000_000), "Communication rounds."] = 40
@@ -52,7 +52,9 @@ class RunConfig:
     eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
     seed: Annotated[int, Range(ge=0, le=2**32 - 1), "Fixes partition, sampling, init and training order."] = 0
-    weighting: Annotated[Literal["samples", "uniform"], "Masked-mean weights of the clients."] = "samples"
+    weighting: Annotated[Literal["method", "samples", "uniform"], "Masked-mean weights of the clients: method (as "
+                         "the method's code does: uniform for heterofl, fedrolex, fd, slt, small; samples for the "
+                         "others), samples (client size) or uniform."] = "method"
     client_state: Annotated[Literal["stateless", "stateful"], "Bytes down: stateless (everything sent each round) "
                             "or stateful (only what changed)."] = "stateless"
     checkpoint_every: Annotated[int, Range(ge=0, le=1_000_000), "Checkpoint every N rounds (0: only at the end and "
@@ -71,6 +73,7 @@ class RunConfig:
 
 
 RUN = {k: s for k, s in specs(RunConfig).items() if k != "options"}  # the run settings
+DEFAULT_MODEL = "resnet20"  # of every supervised method, on every dataset: one model for a comparison
 FIELDS = set(RUN)
 # How a run executes, not what it computes (results equal within float tolerance): may differ between the
 # runs of one table and when a run is continued.
@@ -190,5 +193,4 @@ def for_dataset(cfg: RunConfig, dataset: "Dataset") -> RunConfig:
         cfg = replace(cfg, augment="crop-flip" if dataset.augment else "none")
     if cfg.model is not None:
         return cfg
-    default = get_method(cfg.method).preferred_model or ("cnn" if dataset.in_chans == 1 else "resnet20")
-    return validate(replace(cfg, model=default))
+    return validate(replace(cfg, model=get_method(cfg.method).preferred_model or DEFAULT_MODEL))

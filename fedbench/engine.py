@@ -56,7 +56,10 @@ def unbudgeted(method: type[Method]) -> bool:
 
 
 def diverged(row: dict) -> bool:
-    """A round whose mean train loss is NaN or inf (None: a NaN read back from rounds.csv)."""
+    """A round whose clients trained to a mean train loss that is NaN or inf (None: a NaN read back from
+    rounds.csv); a round in which every sampled client sat out trained nothing and did not diverge."""
+    if row.get("trained", row["clients"]) == 0:
+        return False
     return row["train_loss"] is None or not math.isfinite(row["train_loss"])
 
 
@@ -170,7 +173,7 @@ class Run:
         records = []
         for group in groups.values():
             datas = [self.client_data(client) for client, _, _ in group]
-            if batch and len(group) > 1:
+            if batch and len(group) > 1 and group[0][2].steps:
                 states = []
                 for _, _, plan in group:                                                           # 3. extract
                     model = self.submodel(plan)
@@ -180,6 +183,9 @@ class Run:
             else:
                 results = [None] * len(group)
             for (client, gen, plan), data, done in zip(group, datas, results):
+                if not plan.steps:  # the client sits the round out
+                    records.append(self.measure(rnd, client, budgets[client], plan, None, None, traffic))
+                    continue
                 if done is None:
                     model = self.submodel(plan)
                     result = self.method.local_train(model, data, plan, lr, gen)
@@ -201,9 +207,13 @@ class Run:
             held.update({c: h for c, h in holdings.items() if h is not None})
         return sorted(merged, key=lambda r: r["client"])
 
-    def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel, result,
+    def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel | None, result,
                 traffic: "Traffic") -> dict:
         budget_bytes = budget * self.ctx.full_memory
+        if not plan.steps:  # excluded: no memory used, nothing computed or sent
+            return {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
+                    "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0, "bytes_down": 0,
+                    "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True}
         steps = [self.profiler.measure(plan, i, len(self.parts[client])) for i in range(len(plan.steps))]
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
@@ -213,7 +223,7 @@ class Run:
             "within_budget": peak <= budget_bytes or unbudgeted(type(self.method)),
             "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model),
             "bytes_up": tensor_bytes(uploaded(model, plan).values()), "samples": sum(result.samples),
-            "train_loss": result.loss,
+            "train_loss": result.loss, "excluded": False,
         }
         if steps[0].cuda_peak is not None:
             record["cuda_peak_bytes"] = max(m.cuda_peak for m in steps)
@@ -221,14 +231,17 @@ class Run:
 
     def round_row(self, rnd: int, lr: float, records: list[dict], metrics: dict, seconds: float) -> dict:
         n = len(records)
-        peaks = [r["peak_bytes"] for r in records]
+        trained = [r for r in records if not r["excluded"]]
+        peaks = [r["peak_bytes"] for r in trained] or [0]
         return {
             "round": rnd + 1, "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
-            "train_loss": sum(r["train_loss"] for r in records) / n, "lr": lr,
+            "train_loss": sum(r["train_loss"] for r in trained) / len(trained) if trained else float("nan"),
+            "lr": lr,
             "bytes_down": sum(r["bytes_down"] for r in records), "bytes_up": sum(r["bytes_up"] for r in records),
             "train_flops": sum(r["train_flops"] for r in records),
-            "peak_max": max(peaks), "peak_mean": sum(peaks) / n,
-            "violations": sum(not r["within_budget"] for r in records), "clients": n, "wall_s": seconds,
+            "peak_max": max(peaks), "peak_mean": sum(peaks) / len(peaks),
+            "violations": sum(not r["within_budget"] for r in records), "clients": n, "trained": len(trained),
+            "wall_s": seconds,
         }
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -250,7 +263,8 @@ class Run:
 
     def summary(self) -> dict:
         evaluated = [r for r in self.rows if r["accuracy"] is not None]
-        client_rounds = sum(r["clients"] for r in self.rows) or 1
+        sampled = sum(r["clients"] for r in self.rows)
+        client_rounds = sum(r.get("trained", r["clients"]) for r in self.rows) or 1  # costs per client-round trained
         stopped = next((r["round"] for r in self.rows if diverged(r)), None)
         cfg = self.config
         return {
@@ -261,9 +275,11 @@ class Run:
             "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
             "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
             "evaluation": self.method.describe_eval(),
+            "notes": self.method.notes(len(self.rows)), "warnings": self.method.warnings(len(self.rows)),
             "full_model_memory_bytes": self.ctx.full_memory,
             "peak_max_bytes": max((r["peak_max"] for r in self.rows), default=0),
             "violations": sum(r["violations"] for r in self.rows),
+            "excluded_client_rounds": sampled - sum(r.get("trained", r["clients"]) for r in self.rows),
             "train_flops_per_client_round": sum(r["train_flops"] for r in self.rows) / client_rounds,
             "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
@@ -316,4 +332,6 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     profiler.bind(partial(method.trainer, lr=cfg.lr))
     ctx.full_memory = profiler.memory_of(method.full_plan())
     method.setup()
+    for warning in method.warnings(cfg.rounds):
+        log.warning("%s: %s", cfg.method, warning)
     return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group)

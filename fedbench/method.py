@@ -150,6 +150,7 @@ class Method:
     #                                             so the run cannot be spread over processes
     preferred_model: ClassVar[str | None] = None  # used when --model is not given (e.g. the paper's model)
     grad_clip: float = 0.0              # > 0: clip each local step's gradient norm to this (all trainable tensors)
+    weighting: ClassVar[str] = "samples"  # client weights of the masked mean under --weighting method (as its code)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -232,9 +233,13 @@ class Method:
     def aggregator(self, global_model: FedModel) -> MaskedMean:
         return MaskedMean(global_model)
 
+    def client_weight(self, data: ClientData) -> float:
+        """The client's weight in the masked mean: its sample count, or 1 (``--weighting``, else the method's)."""
+        rule = self.weighting if self.config.weighting == "method" else self.config.weighting
+        return float(len(data)) if rule == "samples" else 1.0
+
     def add_update(self, agg: MaskedMean, plan: Plan, model: FedModel, data: ClientData) -> None:
-        weight = float(len(data)) if self.config.weighting == "samples" else 1.0
-        agg.add(plan, uploaded(model, plan), weight)
+        agg.add(plan, uploaded(model, plan), self.client_weight(data))
 
     def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
         """The model that is evaluated after round ``rnd`` (0-based; default: the full global model)."""
@@ -246,6 +251,15 @@ class Method:
 
     def describe_eval(self) -> str:
         return "top-1 accuracy of the full global model on the test split"
+
+    def notes(self, rounds: int) -> dict[str, Any]:
+        """What the method reports about a run of ``rounds`` rounds (summary.json ``notes``), e.g. coverage."""
+        return {}
+
+    def warnings(self, rounds: int) -> list[str]:
+        """Why the run's accuracy may not measure the method (summary.json ``warnings``; marked in reports),
+        e.g. parts of the evaluated model that no client ever trained."""
+        return []
 
     # --- state (checkpointed by the engine) ----------------------------------------------
     def state_dict(self) -> dict:

@@ -65,3 +65,6 @@ class Plan:
     def shape_key(self) -> tuple:
         """What determines memory and FLOPs: widths, steps, rate and options, not which indices."""
         return (tuple((g, len(ix)) for g, ix in self.indices), self.steps, self.rate, self.options)
+
+
+EXCLUDED = Plan(steps=(), label="excluded")  # a client that sits the round out: trains, receives and sends nothing

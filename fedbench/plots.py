@@ -22,12 +22,16 @@ ACCURACY_AXIS = "final test accuracy (top-1; SSL: linear probe)"
 
 
 def write_plots(comp: Comparison, folder: Path) -> list[Path]:
-    rows = comp.cells["row"].unique()
+    cells, curves = comp.cells, comp.curves
+    if cells["model"].nunique() > 1:  # one line per method and model (budgets are fractions of each model's memory)
+        cells = cells.assign(row=cells["row"] + " [" + cells["model"] + "]")
+        curves = curves.assign(row=curves["row"] + " [" + curves["model"] + "]")
+    rows = cells["row"].unique()
     palette = colormaps["tab10" if len(rows) <= 10 else "tab20"]
     colors = {row: palette(i % palette.N) for i, row in enumerate(rows)}
     paths = [folder / "accuracy_vs_budget.png", folder / "accuracy_vs_round.png", folder / "accuracy_vs_mb.png"]
-    accuracy_vs_budget(comp.cells, colors).savefig(paths[0], dpi=120, bbox_inches="tight")
-    curves = comp.curves.dropna(subset=["accuracy"])
+    accuracy_vs_budget(cells, colors).savefig(paths[0], dpi=120, bbox_inches="tight")
+    curves = curves.dropna(subset=["accuracy"])
     for path, x, label in ((paths[1], "round", "communication round"),
                            (paths[2], "cum_MB", "cumulative MB communicated (down + up, all clients)")):
         accuracy_vs(curves, x, label, colors).savefig(path, dpi=120, bbox_inches="tight")

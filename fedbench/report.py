@@ -80,9 +80,9 @@ RUN_MARKERS = ("config.toml", "summary.json", "rounds.csv", "failed.json")
 NOT_SETTINGS = {"method", "seed", "memory_budget"} | EXECUTION
 SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "violations", "peak_max_bytes",
                 "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
-CELL_KEYS = ["row", "supervised", "budget"]
-RUN_COLUMNS = ["folder", "status", "problem", "method", "seed", "budget", "budget_value", "rounds", "final_accuracy",
-               "diverged", "unbudgeted", "violations", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
+CELL_KEYS = ["model", "row", "supervised", "budget"]
+RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
+               "diverged", "unbudgeted", "violations", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
                "settings", "path"]
 
 
@@ -90,7 +90,7 @@ RUN_COLUMNS = ["folder", "status", "problem", "method", "seed", "budget", "budge
 class Comparison:
     """Rows built once from run folders; every table, CSV, Markdown file and plot renders these."""
 
-    runs: pd.DataFrame    # one per run folder: status ok | failed | incomplete | corrupt, problem, measurements
+    runs: pd.DataFrame    # one per run folder: status ok | infeasible | failed | incomplete | corrupt, problem, measurements
     curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up
     cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs
 
@@ -109,14 +109,15 @@ def compare_runs(root: str | Path) -> Comparison:
         if curve is not None:
             curves.append(curve.assign(folder=row["folder"]))
     runs = label_rows(pd.DataFrame(rows, columns=RUN_COLUMNS))
-    keys = runs[["folder", "row", "budget", "supervised"]]
+    keys = runs[["folder", "model", "row", "budget", "supervised"]]
     curves = (pd.concat(curves).merge(keys, on="folder") if curves
               else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB"]))
     return Comparison(runs, curves, cell_stats(runs))
 
 
 def run_status(folder: Path) -> str:
-    """ok | failed | incomplete | corrupt: how ``report`` lists the run folder (``compare`` reruns all but ok)."""
+    """ok | infeasible | failed | incomplete | corrupt: how ``report`` lists the run folder (``compare`` reruns
+    all but ok)."""
     return read_run(Path(folder))[0]["status"]
 
 
@@ -128,7 +129,8 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
         if not isinstance(config.get("method"), str):
             raise Inconsistent(f"config.toml method {config.get('method')!r} is not a method name")
         budget = budget_of(config)
-        row |= {"method": config.get("method"), "seed": config.get("seed"), "budget": "+".join(f"{b:g}" for b in budget),
+        row |= {"method": config.get("method"), "model": str(config.get("model", "?")),
+                "dataset": str(config.get("dataset", "?")), "seed": config.get("seed"), "budget": "+".join(f"{b:g}" for b in budget),
                 "budget_value": budget[0] if len(budget) == 1 else float("nan"),
                 "settings": {k: v for k, v in config.items() if k not in NOT_SETTINGS}}
         if not (folder / "summary.json").exists():
@@ -148,6 +150,7 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
         "MB_down": summary["bytes_down_per_client_round"] / MB, "MB_up": summary["bytes_up_per_client_round"] / MB,
         "wall_s": summary.get("wall_s"), "diverged": summary.get("diverged_round"),
         "unbudgeted": summary.get("unbudgeted") is True,
+        "warnings": " | ".join(str(w) for w in summary.get("warnings") or []),
     }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb})
 
 
@@ -171,7 +174,11 @@ def read_json_or_toml(path: Path) -> dict:
 def unfinished(folder: Path, config: dict) -> dict:
     failed = folder / "failed.json"
     if failed.exists():
-        return {"status": "failed", "problem": str(read_json_or_toml(failed).get("error", "?"))}
+        record = read_json_or_toml(failed)
+        floor = record.get("infeasible_floor")
+        if isinstance(floor, (int, float)) and not isinstance(floor, bool):
+            return {"status": "infeasible", "problem": str(record.get("error", "?")), "floor": float(floor)}
+        return {"status": "failed", "problem": str(record.get("error", "?"))}
     try:
         done = len(pd.read_csv(folder / "rounds.csv"))
     except (OSError, ValueError):
@@ -215,14 +222,14 @@ def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
 
     known = [s for s in runs["settings"] if isinstance(s, dict)]
     common = {k: Counter(repr(s.get(k)) for s in known).most_common(1)[0][0]
-              for k in FIELDS - NOT_SETTINGS if known}
+              for k in FIELDS - NOT_SETTINGS - {"model"} if known}  # each model has tables of its own
     labels = []
     for method, settings in zip(runs["method"], runs["settings"]):
         if not isinstance(settings, dict):
             labels.append(None)
             continue
         others = [s for m, s in zip(runs["method"], runs["settings"]) if m == method and isinstance(s, dict)]
-        varying = {k for k in {k for s in others for k in s} if len({repr(s.get(k)) for s in others}) > 1}
+        varying = {k for k in {k for s in others for k in s} - {"model"} if len({repr(s.get(k)) for s in others}) > 1}
         unusual = {k for k in common if repr(settings.get(k)) != common[k]}
         labels.append(method + "".join(f" {k.replace('_', '-')}={settings.get(k)}" for k in sorted(varying | unusual)))
     return runs.assign(row=labels, supervised=[supervised(m, e) for m, e in zip(runs["method"], runs["evaluation"])])
@@ -233,27 +240,32 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     accuracy mean/std over the finished seeds, worst memory, mean costs."""
     done = runs[runs["method"].notna()]
     done = done.assign(ok=done["status"] == "ok", failed=done["status"] == "failed",
+                       infeasible=done["status"] == "infeasible",
                        error=done["problem"].where(done["status"] == "failed"), diverged=done["diverged"].notna(),
                        unbudgeted=done["unbudgeted"].eq(True))
     cells = done.groupby(CELL_KEYS).agg(
-        budget_value=("budget_value", "first"), runs=("ok", "size"), seeds=("ok", "sum"), failed=("failed", "sum"),
+        dataset=("dataset", "first"), budget_value=("budget_value", "first"), runs=("ok", "size"), seeds=("ok", "sum"), failed=("failed", "sum"),
+        infeasible=("infeasible", "sum"), floor=("floor", "max"),
+        warned=("warnings", lambda w: int((w.fillna("") != "").sum())),
         error=("error", "first"), diverged=("diverged", "sum"), unbudgeted=("unbudgeted", "any"),
         accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum")).reset_index()
-    return cells.sort_values(["supervised", "row", "budget_value", "budget"], ascending=[False, True, True, True],
-                             ignore_index=True)
+    return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
+                             ascending=[False, True, True, True, True], ignore_index=True)
 
 
 def over(c) -> str:
-    return " !" if c.violations > 0 else ""
+    """`` !``: a client exceeded its budget; `` *``: the run warned that its accuracy may not measure the method."""
+    return (" !" if c.violations > 0 else "") + (" *" if c.warned > 0 else "")
 
 
 def fmt_accuracy(c) -> str:
-    """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; failed; - (none finished);
-    diverged (training stopped at a NaN/inf loss; (diverged/finished) when not every seed did)."""
+    """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; infeasible (floor X): the
+    budget is below the method's measured floor on this model; failed; - (none finished); diverged (training
+    stopped at a NaN/inf loss; (diverged/finished) when not every seed did)."""
     if c.seeds == 0:
-        return "failed" if c.failed else "-"
+        return infeasible(c) or ("failed" if c.failed else "-")
     if c.diverged:
         return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
@@ -261,15 +273,20 @@ def fmt_accuracy(c) -> str:
     return f"{c.accuracy_mean:.4f}{spread}{part}{over(c)}"
 
 
+def infeasible(c) -> str:
+    return f"infeasible (floor {c.floor:.3f})" if c.infeasible else ""
+
+
 def fmt_memory(c) -> str:
     """Peak MB (peak / budget, or unbudgeted: a method that fits nothing to a budget, none counted over it)."""
     if c.seeds == 0:
-        return "-"
-    return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){over(c)}"
+        return infeasible(c) or "-"
+    return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){' !' if c.violations > 0 else ''}"
 
 
 TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)
-    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget)",
+    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget, * = see "
+                 "Warnings)",
                  fmt_accuracy, True),
     "accuracy_ssl": ("Self-supervised methods: final linear-probe accuracy (see runs.csv evaluation), mean ± std "
                      "over seeds (! = over budget)", fmt_accuracy, False),
@@ -283,24 +300,31 @@ TABLES = {  # file stem: (title, cell text, which rows: True supervised, False s
 
 
 def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
-    """Rows = methods (and settings that vary), columns = memory budgets; only tables that have rows."""
+    """Rows = methods (and settings that vary), columns = memory budgets; one set of tables per model (budgets
+    are fractions of that model's full training memory, so no table holds two models); only tables with rows.
+    File stems get a ``-MODEL`` suffix when the comparison holds more than one model."""
     out = {}
     budgets = budget_order(comp.cells["budget"])
-    for name, (title, text, kind) in TABLES.items():
-        cells = comp.cells if kind is None else comp.cells[comp.cells["supervised"] == kind]
-        if cells.empty:
-            continue
-        table = (cells.assign(text=[text(c) for c in cells.itertuples()])
-                 .pivot(index="row", columns="budget", values="text")
-                 .reindex(index=cells["row"].unique(), columns=[b for b in budgets if b in set(cells["budget"])])
-                 .fillna("-"))
-        table.index.name, table.columns.name = "method", None
-        out[name] = (title, table)
+    models = list(comp.cells["model"].unique())
+    for model in models:
+        of_model = comp.cells[comp.cells["model"] == model]
+        data = ", ".join(sorted(set(of_model["dataset"])))
+        for name, (title, text, kind) in TABLES.items():
+            cells = of_model if kind is None else of_model[of_model["supervised"] == kind]
+            if cells.empty:
+                continue
+            table = (cells.assign(text=[text(c) for c in cells.itertuples()])
+                     .pivot(index="row", columns="budget", values="text")
+                     .reindex(index=cells["row"].unique(), columns=[b for b in budgets if b in set(cells["budget"])])
+                     .fillna("-"))
+            table.index.name, table.columns.name = "method", None
+            out[name if len(models) == 1 else f"{name}-{model}"] = (f"{title}; {model} on {data}", table)
     return out
 
 
 def problems(comp: Comparison) -> pd.DataFrame:
-    return comp.runs.loc[comp.runs["status"] != "ok", ["folder", "status", "problem"]]
+    """Runs that are neither finished nor a measured infeasibility (those show in the tables)."""
+    return comp.runs.loc[~comp.runs["status"].isin(["ok", "infeasible"]), ["folder", "status", "problem"]]
 
 
 def render_comparison(comp: Comparison) -> list[Group]:
@@ -335,6 +359,8 @@ def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
     """runs.csv (one row per run), cells.csv (per method and budget), one CSV per table, report.md, plots."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*.csv"), *folder.glob("*.png"), *folder.glob("report.md")]:
+        old.unlink()  # a previous report's tables (e.g. of other models) must not linger beside these
     paths = [folder / "runs.csv", folder / "cells.csv", folder / "curves.csv"]
     comp.runs.drop(columns=["settings", "path"]).to_csv(paths[0], index=False)
     comp.cells.to_csv(paths[1], index=False)
@@ -347,6 +373,10 @@ def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
         doc += [f"## {title}\n", markdown(pivot)]
     evaluation = comp.runs[comp.runs["status"] == "ok"].drop_duplicates(["row", "evaluation"])
     doc += ["## Evaluation\n", "".join(f"- {r.row}: {r.evaluation}\n" for r in evaluation.itertuples())]
+    warned = comp.runs[comp.runs["warnings"].fillna("") != ""].drop_duplicates(["row", "budget", "warnings"])
+    if len(warned):
+        doc += ["## Warnings (cells marked *)\n",
+                "".join(f"- {r.row}, budget {r.budget}: {r.warnings}\n" for r in warned.itertuples())]
     bad = problems(comp)
     if len(bad):
         doc += ["## Runs not in the tables\n", markdown(bad.set_index("folder"))]

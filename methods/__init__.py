@@ -4,3 +4,4 @@ from methods import fd, fedrolex, heterofl  # noqa: F401
 from methods import fedepth  # noqa: F401
 from methods import slt  # noqa: F401
 from methods import fedssl, fll_dd, lw_fedssl  # noqa: F401
+from methods import checkpointed, exclusive, grad_accum  # noqa: F401

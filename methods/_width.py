@@ -9,20 +9,22 @@ variant in a ``Recipe`` (methods-width-slt.md §2.3, §3.2, §4.2, §5.7):
 
 - ``rounding``: channels kept per group, ceil(w C) (HeteroFL/FedRolex code) or floor (FedRolex
   Eq. 4, SLT's baselines);
-- ``scaler``: HeteroFL's Scaler, ``plan.rate = w`` (client width / global width 1);
+- ``scaler``: HeteroFL's Scaler, ``plan.rate = w / g`` (client width / global width g);
 - ``masked_loss``: logits of classes the client does not hold are set to 0 before the cross-entropy;
 - ``label_rows``: classifier rows (weight and bias) are averaged only over the clients holding that label;
 - ``clip``: gradient-norm clipping at every local step (0: none);
 - ``sbn``: HeteroFL's static-BN statistics pass before evaluation (``static_bn``);
-- ``eval_width``: evaluate the full-width model, or the largest client width (SLT's HeteroFL).
+- ``eval_width``: the global width g: the full model, or the largest client width of the run (HeteroFL's
+  code: the global model is the largest level present, methods-width-slt.md §2.1; SLT's HeteroFL), which is
+  what is evaluated.
 
 Every index policy keeps ``scaled(C, w, rounding)`` channels of a group of C channels and returns
 sorted global indices. Groups joined by identity shortcuts (``FedModel.tied_groups()``) get one
 shared index set, so residual additions line up (methods-width-slt.md §6 item 2).
 
-Aggregation is the engine's masked mean (each element over the clients holding it). The
-papers average without client weights; with fedbench's iid and shard partitions (equal client
-sizes) ``--weighting samples`` is identical, for unequal partitions pass ``--weighting uniform``.
+Aggregation is the engine's masked mean (each element over the clients holding it), unweighted
+by default as the three papers' code averages (``weighting = "uniform"``; ``--weighting samples``
+weights by client size).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ class Recipe:
     label_rows: bool = False
     clip: float = 0.0
     sbn: bool = False
-    eval_width: str = "full"   # "full" or "largest"
+    eval_width: str = "full"   # the global width: "full" or "largest" (client width of the run)
 
 
 # HeteroFL's training (§2.1-2.3; code: ceil, Scaler, masked CE, label rows, clip 1.0). FedRolex's repository
@@ -160,6 +162,7 @@ class WidthMethod(Method):
     Options = WidthOptions
     budgeted = True
     trains_batched = True
+    weighting = "uniform"
     recipes: ClassVar[dict[str, Recipe]] = {}
     policy: ClassVar[str] = ""   # how a width-w client's channels are chosen (shown by ``fedbench profile``)
 
@@ -184,11 +187,12 @@ class WidthMethod(Method):
     # --- configuration ------------------------------------------------------------------
     def width_plan(self, width: float, indices: Mapping[str, Sequence[int]] | None = None) -> Plan:
         """The plan of a width-``width`` client (first-k indices unless given; all plans of
-        one width share a shape, hence their measured memory)."""
+        one width share a shape, hence their measured memory). The Scaler rate is relative to the
+        global width once ``setup`` knows it (while fitting, to 1: the same memory, or more)."""
         if indices is None:
             indices = first_k(self.ctx.model.full_widths, width, self.recipe.rounding)
-        return Plan.of(indices, rate=width if self.recipe.scaler else 1.0, label=f"w={width:.4g}",
-                       index_bytes=self.index_bytes(indices))
+        rate = width / (self.global_width() if self.widths else 1.0) if self.recipe.scaler else 1.0
+        return Plan.of(indices, rate=rate, label=f"w={width:.4g}", index_bytes=self.index_bytes(indices))
 
     def fit_width(self, budget: float) -> float:
         """The largest grid width whose measured memory fits ``budget`` (a fraction; >= 1: full width)."""
@@ -227,27 +231,28 @@ class WidthMethod(Method):
 
     # --- aggregation and evaluation -----------------------------------------------------
     def add_update(self, agg: MaskedMean, plan: Plan, model: FedModel, data: ClientData) -> None:
-        weight = float(len(data)) if self.config.weighting == "samples" else 1.0
         update = uploaded(model, plan)
         masks = None
         if self.recipe.label_rows:
             rows = label_mask(self.ctx.client_labels[data.client], self.dataset.num_classes, self.ctx.device)
             masks = {name: rows.view(-1, *[1] * (update[name].dim() - 1)).expand_as(update[name])
                      for name in classifier(model) if name in update}
-        agg.add(plan, update, weight, masks)
+        agg.add(plan, update, self.client_weight(data), masks)
 
-    def eval_width(self) -> float:
+    def global_width(self) -> float:
+        """The width of the global model, which is evaluated: 1, or the largest client width of the run."""
         return max(self.widths.values()) if self.recipe.eval_width == "largest" else 1.0
 
     def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
-        model, width = global_model, self.eval_width()
+        model, width = global_model, self.global_width()
         if width < 1:
             plan = self.width_plan(width)
             model = extract(self.ctx.build, global_model, plan)
         return static_bn(model, self.dataset) if self.recipe.sbn else model
 
     def describe_eval(self) -> str:
-        width = "full-width" if self.eval_width() >= 1 else f"largest client width (w={self.eval_width():.4g})"
+        g = self.global_width()
+        width = "full-width" if g >= 1 else f"largest client width (w={g:.4g})"
         stats = (", BN layers (if any) with sBN statistics from one pass over the training set" if self.recipe.sbn
                  else ", BN layers (if any) with test-batch statistics")
         return f"top-1 accuracy of the {width} global model on the test split{stats}"

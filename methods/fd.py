@@ -19,16 +19,23 @@ tied groups); ``seed`` sends one
 8-byte seed from which the client re-draws the subsets. int32 is the default because it is
 explicit and needs no agreement on the PRNG and draw order, and it is small beside the weights.
 
-Variants: ``paper`` = ``slt`` (above); ``fedrolex-code``: FD as re-run in FedRolex's repository
-(random subsets with HeteroFL's training: ceil, Scaler, masked loss, label rows, clip 1.0).
+Gradient-norm clipping at 1.0 every local step (``paper``), as FedRolex's FD-style baseline and
+HeteroFL's code train: the SLT authors' FD does not clip, and without it a model without
+normalisation diverges to NaN at small widths (channels re-drawn every round; most updated
+elements held by one client, whose diverging values the masked mean copies into the global model).
+
+Variants: ``paper`` (above); ``slt``: the SLT authors' FD exactly (no clipping); ``fedrolex-code``: FD as
+re-run in FedRolex's repository (random subsets with HeteroFL's training: ceil, Scaler, masked loss,
+label rows, clip 1.0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from fedbench.method import register_method
 from methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions, random
+
 
 @dataclass(frozen=True)
 class FDOptions(WidthOptions):
@@ -43,7 +50,7 @@ class FederatedDropout(WidthMethod):
     paper = ("Caldas et al. 2018, Expanding the Reach of Federated Learning by Reducing Client Resource "
              "Requirements (arXiv 1812.07210)")
     Options = FDOptions
-    recipes = {"paper": SLT, "slt": SLT, "fedrolex-code": HETEROFL_CODE}
+    recipes = {"paper": replace(SLT, clip=1.0), "slt": SLT, "fedrolex-code": HETEROFL_CODE}
     policy = "random channel subset per client, round and layer"
 
     def indices(self, width, rnd, client, gen):

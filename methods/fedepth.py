@@ -27,7 +27,9 @@ Partial training (§1.4, ``--sufficient 0``): when even a one-block step does no
 skips the fewest leading blocks whose removal leaves the input shape unchanged (so the
 residual stream still fits the next block) and trains the rest; the skipped blocks are
 neither run, downloaded nor uploaded (the authors upload their unchanged copies, diluting
-the average — not reproduced). If no skip helps, the budget is refused.
+the average — not reproduced). If no skip helps, the budget is refused. Blocks that no client trains
+at any budget of the run are listed in summary.json (``notes.untrained_blocks``, ``warnings``) and
+the reports mark the cell: its evaluation runs them at their initial weights.
 
 Mutual distillation (§1.4, ``--sufficient 2``): a client whose budget fits the full model
 plus a same-architecture local model (measured, about 2x) trains both jointly, each with
@@ -255,6 +257,22 @@ class FeDepth(Method):
 
     def describe_eval(self) -> str:
         return "top-1 accuracy of the full-depth global model (shared head) on the test split"
+
+    def untrained(self) -> list[int]:
+        """Blocks that no client trains at any budget of the run (partial training everywhere)."""
+        trained = {i for plan in self.plans.values() for step in plan.steps
+                   for i in range(self.depth) if step.trains(f"blocks.{i}")}
+        return [i for i in range(self.depth) if i not in trained]
+
+    def notes(self, rounds: int) -> dict:
+        return {"untrained_blocks": self.untrained()}
+
+    def warnings(self, rounds: int) -> list[str]:
+        blocks = self.untrained()
+        if not blocks:
+            return []
+        return [f"blocks {span(blocks[0], blocks[-1])} are trained by no client at these budgets (partial "
+                "training), yet evaluation runs them at their initial weights"]
 
 
 class AuxHead(nn.Module):

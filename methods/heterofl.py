@@ -8,16 +8,20 @@ measured memory fits its budget (``methods._width``). Following the paper and it
   statistics); before each evaluation the sBN pass runs the whole training set through a copy
   of the global model in train mode, accumulating cumulative running statistics, and the copy
   is evaluated in eval mode with them (``_width.static_bn``; the code's ``stats()``);
-- the Scaler: ``plan.rate = w`` (client width / global width), identity at evaluation;
+- the Scaler: ``plan.rate = w / g`` (client width / global width), identity at evaluation;
 - the masked cross-entropy: logits of classes not in the client's label set are set to 0;
 - classifier rows (weight and bias) averaged only over the clients holding that label;
 - gradient-norm clipping at 1.0 every local step (from the authors' code).
 
-Evaluated at full width. Deviations: the budget is measured training memory, not a preset
-complexity level a-e (§2.4), so widths come from a 1/64 grid; the sBN pass uses un-augmented
-training images in batches of 500; clients are averaged with ``--weighting`` (the code is
-unweighted: identical for iid/shard partitions, whose clients are equal-sized). Fixed client
-groups per budget are the paper's "fix" mode; its "dynamic" mode is ``--budget-assignment per-round``.
+- the global model is the largest level present in the run (the code's ``global_model_rate``,
+  §2.1): its width g is the largest client width, which is what is evaluated (g = 1 as soon as one
+  client's budget fits the full model); with every client at one budget, the width-w model;
+- clients averaged without weights (the code; ``--weighting samples`` weights by size).
+
+Deviations: the budget is measured training memory, not a preset complexity level a-e (§2.4), so
+widths come from a 1/64 grid; the sBN pass uses un-augmented training images in batches of 500.
+Fixed client groups per budget are the paper's "fix" mode; its "dynamic" mode (a client's level
+re-drawn every round) is ``--budget-assignment per-round``.
 
 Variants (``--variant``): ``paper`` (above); ``fedrolex-code``: HeteroFL as re-run in FedRolex's
 repository (same training, no sBN pass: test-batch statistics); ``slt``: the SLT authors'
@@ -36,9 +40,9 @@ from methods._width import HETEROFL_CODE, SLT, WidthMethod
 class HeteroFL(WidthMethod):
     name = "heterofl"
     description = ("first-k channels at the widest width that fits each budget; sBN, Scaler, "
-                   "label-masked loss and label-wise classifier rows; evaluated at full width")
+                   "label-masked loss and label-wise classifier rows; evaluated at the largest client width")
     paper = ("Diao et al. 2021, HeteroFL: Computation and Communication Efficient Federated Learning "
              "for Heterogeneous Clients (arXiv 2010.01264)")
-    recipes = {"paper": replace(HETEROFL_CODE, sbn=True), "fedrolex-code": HETEROFL_CODE,
+    recipes = {"paper": replace(HETEROFL_CODE, sbn=True, eval_width="largest"), "fedrolex-code": HETEROFL_CODE,
                "slt": replace(SLT, eval_width="largest")}
     policy = "first-k channels (nested across widths)"
