@@ -10,14 +10,14 @@ samples, 10 clients per round, batch 32, 1 local epoch. Images/s of
   - centralized training of the same model at batch 32 and 512.
 Simulation rounds exclude the first (warm-up) and the last (evaluation).
 
-Workload ``cnn`` (the CPU target): FedAvg on Fashion-MNIST (``--data-dir``; the embedded
+Workload ``fedavg-cnn`` (the CPU target): FedAvg on Fashion-MNIST (``--data-dir``; the embedded
 fmnist-mini without it) with the small CNN, 100 clients, 10 per round, batch 32, 1 epoch: total
 wall time of ``--rounds`` rounds of fedbench (its defaults on this device) and of the plain loop,
 both evaluating every 5 rounds, with their final accuracies; and the profiler's share of fedbench's
 wall time (memory, FLOPs and bytes accounting, set-up included).
 
     python benchmarks/throughput.py --workload resnet --device cuda --rounds 5
-    python benchmarks/throughput.py --workload cnn --device cpu --rounds 30 --data-dir ../shared/datasets/fashion-mnist
+    python benchmarks/throughput.py --workload fedavg-cnn --device cpu --rounds 30 --data-dir ../shared/datasets/fashion-mnist
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def resnet(args) -> None:
 
 def cnn(args) -> None:
     settings = {"method": "fedavg", "dataset": "fashion-mnist" if args.data_dir else "fmnist-mini",
-                "data_dir": args.data_dir, "model": "cnn", "clients": 100, "clients_per_round": 10,
+                "data_dir": args.data_dir, "model": "fedavg-cnn", "clients": 100, "clients_per_round": 10,
                 "rounds": args.rounds, "batch_size": 32, "local_epochs": 1, "eval_every": 5, "device": args.device,
                 "quiet": True}
     spent = [0.0, 0]  # seconds inside the profiler (outermost calls), nesting depth
@@ -189,7 +189,7 @@ def cnn(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", choices=("resnet", "cnn"), default="resnet")
+    p.add_argument("--workload", choices=("resnet", "fedavg-cnn"), default="resnet")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cases", default="fedavg,heterofl,slt",

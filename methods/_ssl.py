@@ -5,7 +5,8 @@
 - :class:`SSLModel`: an encoder ``FedModel`` plus projection head H (+ prediction head P for
   MoCo v3) with stable parameter names (``stem.*``, ``blocks.i.*``, ``head.*``, ``projector.*``,
   ``predictor.*``), so plans, extraction and aggregation treat the heads like any layer.
-- :func:`infonce` (MoCo v3, symmetric, in-batch negatives) and :func:`nt_xent` (SimCLR).
+- :func:`infonce` (MoCo v3: in-batch negatives, scaled by 2 tau as MoCo v3's code; the trainer sums
+  the two symmetric terms) and :func:`nt_xent` (SimCLR, unscaled).
 - :class:`SSLTrainer`: AdamW (LW-FedSSL §4.1) or SGD; a momentum target re-copied from the
   online branch at every local training and never uploaded. The frozen leading units are
   shared by both branches and run once, without autograd (they are identical in the target:
@@ -170,9 +171,18 @@ class SSLModel(FedModel):
 
 
 def infonce(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
-    """MoCo v3's contrastive loss: the other samples of the batch are the negatives (no queue)."""
+    """MoCo v3's contrastive loss, 2 tau x CE(q k^T / tau, i -> i) on L2-normalised q, k: the other samples
+    of the batch are the negatives (no queue).
+
+    The factor 2 tau is MoCo v3's (Chen, Xie, He 2021, arXiv 2104.02057; official code
+    ``facebookresearch/moco-v3`` ``moco/builder.py``: the cross-entropy times ``2 * self.T``);
+    LW-FedSSL (methods-depth-ssl.md §2.2) writes the objective as l_con(q1, k2, tau) + l_con(q2, k1, tau)
+    without stating a scale. The symmetric loss of :class:`SSLTrainer` sums two such terms, each
+    scaled, as the official ``forward`` (``l1 + l2``). Under AdamW (the default) the scale
+    hardly changes the updates; under ``--optimizer sgd`` it scales the effective learning rate.
+    """
     logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * (2 * tau)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:

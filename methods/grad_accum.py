@@ -23,7 +23,7 @@ parameter's size. So the peak need not fall with m (the cnn, whose fc1 weight do
 
 BatchNorm: batch statistics are computed per micro-batch, so with BN-bearing models (ResNet-20,
 PreResNet) training with m < B is *not* equivalent to the full batch (smaller, noisier
-normalisation batches); norm-free models (``cnn``) and LayerNorm ViTs are equivalent within
+normalisation batches); norm-free models (``fedavg-cnn``) and LayerNorm ViTs are equivalent within
 float rounding. Evaluation: the full global model. FLOPs per sample are FedAvg's.
 
 Profiling note: the profiler's ``activations`` breakdown is one forward of ``Trainer.loss``,

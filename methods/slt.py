@@ -35,19 +35,28 @@ global model restricted to the current configuration, which is the full model on
 Deviations: (1) training depth counts layers, where the code counts every tensor whose name
 contains "conv" (a shortcut conv counts as a layer there), and the depth table is measured at
 setup for the run's budgets (the code ships it as JSON, for ResNet-44 and DenseNet-40 only),
-starting from the deepest configuration used rather than from step K-1; (2) client updates are
-averaged with ``--weighting`` (the code: unweighted; identical for equal-sized clients); (3) a
-step that fits at no head width is a ConfigError (the code raises ValueError).
+starting from the deepest configuration used rather than from step K-1; (2) a
+budget for which some step fits at no head width is refused (``fedbench.budget.too_small``, an
+``Infeasible`` ConfigError; the code raises ValueError), reporting the true floor.
 
+**Floor** (``floor()``). A sequence exists iff every step K_T = 1..K-1 fits at its narrowest head
+(memory does not decrease with s), so the smallest budget that SLT accepts is the maximum over
+all steps of that memory, not the need of the first failing step of the deepest-first scan.
 Measured memory, unlike the paper's estimator, counts the transient activations of the frozen
-full-width forward pass and the optimizer state: a ResNet-20 configuration then needs at least
-~0.19 of full-model training memory at batch 32 (a 0.125 budget fits none), and on the 3-layer
-cnn ~0.32 (one full-width layer costs what the width-0.25 small model does).
+full-width forward pass and the optimizer state, so a step costs more than the paper estimates.
+Measured at batch 32 (``fedbench profile --method slt --memory-budget 0.1 ...`` refuses and
+reports it): ResNet-20 on CIFAR-10 shapes (3x32x32, ``--dataset cifar10``) 0.246, on fmnist-mini
+(1x28x28) 0.238, both set by K_T = 7 with K_T = 3 and 5 within 0.001 (the second conv of a
+first-stage block trained at full width; the deepest step, K_T = 18, needs 0.186 / 0.185), so a
+0.125 or 0.2 budget fits no sequence; the 3-layer cnn on fmnist-mini 0.323 (K_T = 1). Under the
+paper's estimator (``--slt-memory-model paper``), whose budgets are small-model widths, the floor
+of ``resnet20-slt`` on CIFAR-10 shapes is 0.125 (K_T = 3).
 """
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -55,7 +64,7 @@ from typing import Annotated, Literal
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fedbench.budget import fit_largest
+from fedbench.budget import fit_largest, too_small
 from fedbench.errors import ConfigError
 from fedbench.method import Method, register_method
 from fedbench.models import FedModel, scaled
@@ -119,8 +128,8 @@ class SLT(Method):
     paper = ("Pfeiffer et al. 2023, Aggregating Capacity in FL through Successive Layer Training for "
              "Computationally-Constrained Devices (arXiv 2305.17005)")
     budgeted = True
+    weighting = "uniform"  # the SLT code averages clients without weights (methods-width-slt.md §5.7)
     trains_batched = True
-    preferred_model = "resnet20"  # the paper's family; the cnn's wide fc layer cannot be split under small budgets
     Options = Options
 
     # --- configurations -------------------------------------------------------------------
@@ -192,7 +201,7 @@ class SLT(Method):
                     return self.units(self.estimate(self.config_plan(c / S_STEP, k_t)))
                 m = fit_largest(self.candidates(m), cost, self.units(limit))
                 if m is None:
-                    raise self.too_small(fraction, k_t, limit)
+                    raise self.refusal(fraction)
             found.append((m / S_STEP, k_t))
         sequence = []
         for s, k_t in reversed(found):
@@ -207,14 +216,41 @@ class SLT(Method):
         top = {tuple(scaled(c, m / S_STEP, "floor") for c in full): m for m in range(1, below)}
         return sorted(top.values())
 
-    def too_small(self, fraction: float, k_t: int, limit: int) -> ConfigError:
-        need = self.estimate(self.config_plan(1 / S_STEP, k_t))
-        mode = self.options.slt_memory_model
-        allowed = (f"budgets of at least {need / self.ctx.full_memory:.3f}" if mode == "measured"
-                   else "a larger --memory-budget")
-        return ConfigError("--memory-budget", f"{fraction:g} is too small for SLT on {self.config.model}: "
-                           f"configuration K_T={k_t} with the narrowest head needs {need / 1e6:.2f} MB under "
-                           f"the {mode} memory model, the budget is {limit / 1e6:.2f} MB; allowed: {allowed}")
+    def narrowest_needs(self) -> dict[int, int]:
+        """Per step K_T = 1..K-1, the bytes (chosen memory model) of its configuration at the narrowest head."""
+        return {k_t: self.estimate(self.config_plan(1 / S_STEP, k_t)) for k_t in range(1, len(self.layers))}
+
+    def floor(self) -> tuple[float, int]:
+        """The smallest budget for which ``fit_sequence`` succeeds, and the step K_T that sets it.
+
+        A sequence exists iff every step fits at its narrowest head (memory does not decrease with s),
+        so the floor is the maximum over all steps of their narrowest configuration's memory, not the
+        need of the first step the deepest-first scan finds failing. Measured model: that maximum as
+        a fraction of the full model's measured training memory. Paper model: the smallest width b
+        (on the 1/1000 grid of s) whose small-model estimate, the budget's limit, covers it.
+        """
+        needs = self.narrowest_needs()
+        k_t = max(needs, key=lambda k: (needs[k], -k))
+        if self.options.slt_memory_model == "measured":
+            return needs[k_t] / self.ctx.full_memory, k_t
+        grid = range(1, S_STEP + 1)
+        i = bisect.bisect_left(grid, self.units(needs[k_t]), key=lambda m: self.units(self.limit(m / S_STEP)))
+        return (grid[i] / S_STEP if i < len(grid) else float("inf")), k_t
+
+    def refusal(self, fraction: float) -> ConfigError:
+        """The error for a budget below ``floor()``: the true floor over all steps, by ``budget.too_small``."""
+        floor, k_t = self.floor()
+        mode, model = self.options.slt_memory_model, self.config.model
+        if floor == float("inf"):  # paper model: not even the full-width small model's estimate covers it
+            return ConfigError("--memory-budget", f"{fraction:g} is too small for SLT on {model}: configuration "
+                                                  f"K_T={k_t} exceeds the paper estimate of the full model")
+        full = self.ctx.full_memory
+        if mode == "measured":
+            smallest, how = self.estimate(self.config_plan(1 / S_STEP, k_t)), "measured"
+        else:  # a budget b is the width of the small model whose paper estimate bounds the configuration
+            smallest, how = math.ceil(floor * full), "paper estimate; a budget is a small-model width"
+        return too_small(fraction, smallest, full,
+                         f"of SLT on {model} (K_T={k_t} with the narrowest head, the costliest step; {how})")
 
     def fit_depths(self, fraction: float) -> list[int]:
         """§5.4.3: per configuration, the most trailing full-width layers (<= K_T) that fit ``fraction``.

@@ -2,7 +2,10 @@
 
 FedAvg of the widest uniform-width model (first-k channels in every group) whose measured
 training memory fits the *smallest* client budget; every client trains that model and it
-is evaluated at that width. The width is searched on a 1/64 grid with ceil rounding.
+is evaluated at that width (methods-width-slt.md §5.7, "Small model"). The width w is searched on
+a 1/64 grid; a group of C channels keeps floor(w C) of them (at least one), as SLT's code builds
+its small model (``nets/SubsetNets``: ``int(C * subset_factor)`` channels per layer, §5.3, §5.7),
+not the ceil rounding of HeteroFL's code.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ class Small(Method):
     description = "FedAvg of the widest uniform-width model that fits the smallest budget (evaluated at that width)"
     paper = "Pfeiffer et al. 2023, Aggregating Capacity in FL through Successive Layer Training (arXiv 2305.17005), baseline"
     budgeted = True
+    weighting = "uniform"  # the SLT code averages clients without weights (methods-width-slt.md §5.7)
     trains_batched = True
 
     def width_plan(self, width: float) -> Plan:
-        return Plan.of(first_k(self.ctx.model.full_widths, width), label=f"w={width:.4g}")
+        return Plan.of(first_k(self.ctx.model.full_widths, width, "floor"), label=f"w={width:.4g}")
 
     def setup(self) -> None:
         budget = self.budgets[0]

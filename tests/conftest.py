@@ -23,7 +23,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SMALL = dict(clients=20, clients_per_round=4, rounds=3, eval_every=1, device="cpu", quiet=True, model="cnn")
+SMALL = dict(clients=20, clients_per_round=4, rounds=3, eval_every=1, device="cpu", quiet=True, model="fedavg-cnn")
 
 
 def small_run(**overrides) -> Run:

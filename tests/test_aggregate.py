@@ -12,7 +12,7 @@ from methods._width import first_k
 
 def cnn():
     torch.manual_seed(0)
-    return create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    return create_model("fedavg-cnn", num_classes=10, in_chans=1, img_size=28)
 
 
 def test_full_plans_equal_plain_fedavg():
@@ -32,7 +32,7 @@ def test_update_lands_only_on_held_indices_and_unheld_keep_value():
     model = cnn()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = Plan.of({"conv1": [0, 2], "conv2": [1, 3, 5], "fc1": [7]})
-    sub = build_submodel(lambda **kw: create_model("cnn", num_classes=10, in_chans=1, img_size=28, **kw), model, plan)
+    sub = build_submodel(lambda **kw: create_model("fedavg-cnn", num_classes=10, in_chans=1, img_size=28, **kw), model, plan)
     load_slices(sub, model, plan)
     assert sub.blocks[0][0].weight.shape == (2, 1, 5, 5)
     assert sub.blocks[1][0].weight.shape == (3, 2, 5, 5)

@@ -21,7 +21,7 @@ from fedbench.cli import app
 from fedbench.engine import Observer
 from tests.conftest import small_run
 
-TINY = ["--dataset", "synthetic", "--model", "cnn", "--clients", "4", "--clients-per-round", "2", "--rounds", "1",
+TINY = ["--dataset", "synthetic", "--model", "fedavg-cnn", "--clients", "4", "--clients-per-round", "2", "--rounds", "1",
         "--device", "cpu", "--quiet"]
 
 
@@ -112,13 +112,13 @@ def test_out_that_cannot_be_written_is_refused_before_setup(tmp_path, monkeypatc
 
 def test_profile_csv_that_cannot_be_written_is_refused_before_measuring(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "prepare", lambda *a, **k: pytest.fail("measured before --csv was checked"))
-    refused(fedbench("profile", "--dataset", "synthetic", "--model", "cnn", "--csv", tmp_path), "--csv", "is a folder")
+    refused(fedbench("profile", "--dataset", "synthetic", "--model", "fedavg-cnn", "--csv", tmp_path), "--csv", "is a folder")
     afile = tmp_path / "file"
     afile.write_text("x")
-    refused(fedbench("profile", "--dataset", "synthetic", "--model", "cnn", "--csv", afile / "p.csv"), "--csv",
+    refused(fedbench("profile", "--dataset", "synthetic", "--model", "fedavg-cnn", "--csv", afile / "p.csv"), "--csv",
             f"{afile} is a file")
     if Path("/proc").is_dir():
-        refused(fedbench("profile", "--dataset", "synthetic", "--model", "cnn", "--csv", "/proc/p.csv"), "--csv",
+        refused(fedbench("profile", "--dataset", "synthetic", "--model", "fedavg-cnn", "--csv", "/proc/p.csv"), "--csv",
                 "cannot write")
 
 
@@ -173,12 +173,12 @@ def test_user_text_is_printed_as_given_not_as_markup(tmp_path):
 def test_batch_that_cannot_fit_is_refused_before_it_is_allocated(tmp_path, monkeypatch):
     """Estimated from two tiny steps, linear in the batch: 10^7 images of the CNN need far more than any host has."""
     csv = tmp_path / "p.csv"
-    line = refused(fedbench("profile", "--dataset", "synthetic", "--model", "cnn", "--batch-size", "10000000",
+    line = refused(fedbench("profile", "--dataset", "synthetic", "--model", "fedavg-cnn", "--batch-size", "10000000",
                             "--device", "cpu", "--csv", csv), "--batch-size", "GB", "allowed: up to about")
     assert not csv.exists()
     allowed = int(line.rsplit(" ", 1)[1])
     monkeypatch.setattr(profiler, "available_memory", lambda device: 1e6)  # 1 MB free: batch 32 no longer fits
-    refused(fedbench("profile", "--dataset", "synthetic", "--model", "cnn", "--batch-size", "32", "--csv", csv),
+    refused(fedbench("profile", "--dataset", "synthetic", "--model", "fedavg-cnn", "--batch-size", "32", "--csv", csv),
             "--batch-size", "32 needs about")
     assert not csv.exists() and allowed > 32
 

@@ -78,7 +78,7 @@ def test_accumulation_below_the_smallest_micro_batch_is_refused():
 
 
 def test_accumulation_at_the_full_batch_is_fedavg_exactly():
-    runs = {m: small_run(method=m, model="cnn", rounds=2, eval_every=1, clients_per_round=3)
+    runs = {m: small_run(method=m, model="fedavg-cnn", rounds=2, eval_every=1, clients_per_round=3)
             for m in ("fedavg", "fedavg-accum")}
     for run in runs.values():
         run.execute()
@@ -100,7 +100,7 @@ def float64():
 def test_accumulation_equals_the_full_batch_for_a_norm_free_model(float64):
     """cnn (no norm layer), float64: one client's local training with micro-batches of 5 (7 chunks per batch of
     32, the last of 2) and of 1 ends at FedAvg's weights within float64 rounding."""
-    run = small_run(method="fedavg-accum", model="cnn", clients=40, memory_budget=(1.0,))
+    run = small_run(method="fedavg-accum", model="fedavg-cnn", clients=40, memory_budget=(1.0,))
     run.model.double()
     m, data = run.method, run.client_data(0)
     assert len(data) == 250                                          # 8 batches, the last of 26
@@ -144,7 +144,7 @@ def test_segments_are_consecutive_near_equal_groups():
     assert segments((2, 3, 4), 2) == [(2,), (3, 4)]
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+@pytest.mark.parametrize("model", ["fedavg-cnn", "resnet20"])
 def test_checkpointing_gives_fedavgs_gradients(model):
     run = small_run(method="fedavg-ckpt", model=model, memory_budget=(1.0,))
     m = run.method
@@ -199,7 +199,7 @@ def test_cli_profile_of_accumulation_and_checkpointing(tmp_path):
 # --- fedavg-exclusive ------------------------------------------------------------------------
 
 def test_exclusive_trains_only_the_clients_that_fit_the_full_model():
-    run = small_run(method="fedavg-exclusive", model="cnn", memory_budget="0.5,1", rounds=3, **FAST)
+    run = small_run(method="fedavg-exclusive", model="fedavg-cnn", memory_budget="0.5,1", rounds=3, **FAST)
     m = run.method
     assert m.plan(0, 0, 0.5, None) is EXCLUDED and m.plan(0, 0, 1.0, None) == m.full_plan()
     seen = Records()
@@ -219,5 +219,5 @@ def test_exclusive_trains_only_the_clients_that_fit_the_full_model():
 
 def test_exclusive_without_a_full_budget_is_refused():
     with pytest.raises(Infeasible, match="the full model") as err:
-        small_run(method="fedavg-exclusive", model="cnn", memory_budget="0.25,0.5")
+        small_run(method="fedavg-exclusive", model="fedavg-cnn", memory_budget="0.25,0.5")
     assert err.value.floor == 1.0 and isinstance(err.value, ConfigError)

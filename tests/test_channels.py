@@ -54,7 +54,7 @@ def test_random_subsets_respect_ties_differ_per_client_and_are_seeded():
     assert draw[0]["b4.mid"] != draw[0]["b5.mid"]                               # and across layers
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "resnet20"])
+@pytest.mark.parametrize("model_name", ["fedavg-cnn", "resnet20"])
 def test_round_trip_leaves_the_global_model_unchanged_for_every_policy(model_name):
     torch.manual_seed(0)
     build = lambda **kw: create_model(model_name, in_chans=1, img_size=28, **kw)  # noqa: E731

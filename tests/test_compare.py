@@ -20,7 +20,7 @@ from fedbench.checkpoint import Checkpointer
 from fedbench.cli import app
 from methods.fedavg import FedAvg
 
-TINY = ["--dataset", "fmnist-mini", "--model", "cnn", "--rounds", "2", "--clients", "100", "--batch-size", "16",
+TINY = ["--dataset", "fmnist-mini", "--model", "fedavg-cnn", "--rounds", "2", "--clients", "100", "--batch-size", "16",
         "--clients-per-round", "2", "--eval-every", "2", "--checkpoint-every", "1"]
 GRID = ["--methods", "fedavg,small", "--memory-budget", "0.25,0.5", *TINY]
 CELLS = ["fedavg/b0.25/s0", "fedavg/b0.5/s0", "small/b0.25/s0", "small/b0.5/s0"]

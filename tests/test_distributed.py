@@ -52,11 +52,11 @@ def test_share_is_a_balanced_partition_of_the_round():
 
 def test_all_reduced_masked_sums_equal_one_process():
     torch.manual_seed(0)
-    model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    model = create_model("fedavg-cnn", num_classes=10, in_chans=1, img_size=28)
     half = Plan.of(first_k(model.full_widths, 0.5))
     updates = [(Plan(), {n: torch.randn_like(p) for n, p in model.named_parameters()}, 3.0),
                (half, {n: torch.randn_like(p) for n, p in create_model(
-                   "cnn", num_classes=10, in_chans=1, img_size=28, widths=half.widths(model.full_widths)
+                   "fedavg-cnn", num_classes=10, in_chans=1, img_size=28, widths=half.widths(model.full_widths)
                ).named_parameters()}, 1.0)]
     alone = MaskedMean(model)
     for plan, u, w in updates:

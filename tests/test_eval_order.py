@@ -94,7 +94,7 @@ def test_augment_is_recorded_in_config_toml_and_rejects_bad_values(tmp_path):
     name = _colour_folder(tmp_path / "data")
     out = tmp_path / "run"
     common = ["run", "--dataset", name, "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
-              "--device", "cpu", "--quiet", "--model", "cnn"]
+              "--device", "cpu", "--quiet", "--model", "fedavg-cnn"]
     result = CliRunner().invoke(app, [*common, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert tomllib.loads((out / "config.toml").read_text())["augment"] == "crop-flip"

@@ -51,7 +51,7 @@ def test_heterofl_scaler_rate_is_relative_to_the_largest_client_width():
 def test_federated_dropout_at_0125_stays_finite_on_a_norm_free_model(seed):
     """Unclipped (the SLT authors' FD, ``--variant slt``) this federation diverges to NaN in every seed (rounds
     24, 9 and 15 for seeds 0, 1, 2)."""
-    run = small_run(method="fd", model="cnn", memory_budget="0.125", rounds=30, eval_every=30, seed=seed,
+    run = small_run(method="fd", model="fedavg-cnn", memory_budget="0.125", rounds=30, eval_every=30, seed=seed,
                     partition="dirichlet:0.3", local_epochs=3, clients=20, clients_per_round=4)
     assert run.method.grad_clip == 1.0
     summary = run.execute()
@@ -122,13 +122,13 @@ def test_infeasible_cells_show_the_floor_and_tables_never_mix_models(tmp_path):
     assert "infeasible" not in accuracy.loc["fedepth", "0.5"]
     assert "Runs not in the tables" not in (out / "report/report.md").read_text()
     # a second model in the same folder: its own tables, never a row beside the first model's
-    other = ["compare", "--methods", "fedavg", "--memory-budget", "0.5", "--model", "cnn", *TINY]
-    assert CliRunner().invoke(app, [*other, "--out", str(out / "cnn")]).exit_code == 0
+    other = ["compare", "--methods", "fedavg", "--memory-budget", "0.5", "--model", "fedavg-cnn", *TINY]
+    assert CliRunner().invoke(app, [*other, "--out", str(out / "fedavg-cnn")]).exit_code == 0
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
     report = out / "report"
     assert not (report / "accuracy.csv").exists()  # the one-model tables of the first report are gone
     resnet = pd.read_csv(report / "accuracy-resnet20.csv", index_col=0)
-    cnn = pd.read_csv(report / "accuracy-cnn.csv", index_col=0)
+    cnn = pd.read_csv(report / "accuracy-fedavg-cnn.csv", index_col=0)
     assert list(resnet.index) == ["fedavg", "fedepth"] and list(cnn.index) == ["fedavg"]
     text = (report / "report.md").read_text()
-    assert "; resnet20 on fmnist-mini" in text and "; cnn on fmnist-mini" in text
+    assert "; resnet20 on fmnist-mini" in text and "; fedavg-cnn on fmnist-mini" in text

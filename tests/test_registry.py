@@ -13,7 +13,7 @@ from tests.conftest import small_run
 
 # Budget 1: every method's smallest configuration fits it (budget-specific behaviour is each method's own tests).
 TINY = dict(dataset="synthetic", clients=20, clients_per_round=2, rounds=2, eval_every=2, batch_size=16, memory_budget=1)
-SUPERVISED = dict(model="cnn")
+SUPERVISED = dict(model="fedavg-cnn")
 # Self-supervised methods need an encoder with pre-logit features (as in the smoke preset), and a short probe.
 SELF_SUPERVISED = dict(model="vit-tiny", depth=2, probe_epochs=1, eval_samples=100)
 

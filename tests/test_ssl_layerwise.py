@@ -6,6 +6,8 @@ method on fmnist-mini against the same randomly initialised encoder.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from fedbench.engine import Observer, prepare
 from fedbench.models import create_model
 from fedbench.seeding import generator
 from fedbench.submodel import set_trainable, uploaded
-from methods._ssl import views
+from methods._ssl import infonce, views
 
 TINY = dict(model="vit-tiny", dataset="synthetic", clients=20, clients_per_round=1, batch_size=16,
             eval_every=100, device="cpu", quiet=True, eval_samples=200, probe_epochs=5)
@@ -48,6 +50,20 @@ def test_vit_tiny_matches_the_papers_backbone_and_takes_grayscale():
     gray = create_model("vit-tiny", num_classes=10, in_chans=1, img_size=28, depth=3)
     x = torch.randn(2, 1, 28, 28)
     assert gray(x).shape == (2, 10) and gray.stem(x).shape == (2, 50, 192)
+
+
+def test_mocov3_infonce_is_two_tau_times_the_cross_entropy_of_a_hand_computed_case():
+    """MoCo v3's code (moco/builder.py): CE(q k^T / tau, i -> i) x 2 tau on normalised q, k, in-batch negatives.
+    q = (3, 4), (1, 0) -> (0.6, 0.8), (1, 0); k = (0, 2), (1, 1) -> (0, 1), (1, 1)/sqrt 2; tau = 0.25."""
+    q, k, tau = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]]), 0.25
+    r = math.sqrt(0.5)
+    logits = [[0.8 / tau, 1.4 * r / tau], [0.0, r / tau]]                  # row i: the positive at column i
+    ce = sum(math.log(sum(math.exp(v) for v in row)) - row[i] for i, row in enumerate(logits)) / 2
+    assert ce == pytest.approx(0.600480, abs=1e-6)
+    assert infonce(q, k, tau).item() == pytest.approx(2 * tau * ce, rel=1e-6) == pytest.approx(0.300240, abs=1e-6)
+    # tau = 1: 2 x the mean of log(1 + exp(l_neg - l_pos)) over the two rows
+    assert infonce(q, k, 1.0).item() == pytest.approx(math.log(1 + math.exp(1.4 * r - 0.8)) + math.log(1 + math.exp(-r)),
+                                                      rel=1e-6)
 
 
 def test_views_are_seeded_random_per_sample_and_plain_without_generator():

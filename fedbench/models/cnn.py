@@ -1,7 +1,8 @@
-"""Small CNN for 28x28 (any square) inputs: two 5x5 convs (32, 64) with 2x2 max-pool, fc 512, classifier.
-
-The classic FedAvg CNN (McMahan et al. 2017, §3) also used by HeteroFL's CNN layout
-(conv -> Scaler -> ReLU -> pool, methods-width-slt.md §2.3; no norm layer here).
+"""``fedavg-cnn``: the FedAvg paper's CNN (McMahan et al. 2017, §3) for 28x28 (any square) inputs: two 5x5
+convs (32, 64) with 2x2 max-pool, fc 512, classifier, and NO normalisation layer (a Scaler after each
+layer for HeteroFL-style runs). Not fedbench's default (resnet20): its 1.6M-weight fc layer holds most of
+the memory of any one-layer step, so depth-wise methods cannot split it (a one-block FEDEPTH step measures
+0.86 of full memory), and without normalisation small-width methods need gradient clipping.
 Channel groups: ``conv1``, ``conv2``, ``fc1``.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fedbench.models import register_model
 from fedbench.models.base import FedModel, Scaler
 
 
-@register_model("cnn")
+@register_model("fedavg-cnn")
 class CNN(FedModel):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28,
                  widths: dict[str, int] | None = None, rate: float = 1.0):
