@@ -135,6 +135,3 @@ class FedAvgCheckpointed(Method):
         for group in rest:
             h = checkpoint(run_blocks, model, h, group, use_reentrant=False)
         return F.cross_entropy(model.forward_head(h), y)
-
-    def describe_eval(self) -> str:
-        return "top-1 accuracy of the full global model on the test split"
