@@ -56,5 +56,5 @@ def too_small(fraction: float, smallest: int, full: int, what: str) -> Infeasibl
 
 
 def budget_order(labels) -> list[str]:
-    """Budget labels ('0.25', or '0.125+0.5' for a mixed-budget run) in numeric order."""
-    return sorted(set(labels), key=lambda b: [float(v) for v in b.split("+")])
+    """Budget labels ('0.25', or '0.125+0.5' for a mixed-budget run) in numeric order, mixed ones last."""
+    return sorted(set(labels), key=lambda b: ("+" in b, [float(v) for v in b.split("+")]))

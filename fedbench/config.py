@@ -51,6 +51,8 @@ class RunConfig:
                                  "client's budget drawn from the list every round)."] = "fixed"
     eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
+    precision: Annotated[Literal["fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 autocast "
+                         "(activations in bfloat16, weights and updates in float32; measured as run)."] = "fp32"
     seed: Annotated[int, Range(ge=0, le=2**32 - 1), "Fixes partition, sampling, init and training order."] = 0
     weighting: Annotated[Literal["method", "samples", "uniform"], "Masked-mean weights of the clients: method (as "
                          "the method's code does: uniform for heterofl, fedrolex, fd, slt, small; samples for the "

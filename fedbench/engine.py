@@ -25,6 +25,7 @@ from fedbench.method import ClientData, Context, Method
 from fedbench.models import FedModel, create_model
 from fedbench.partition import partition
 from fedbench.plan import Plan
+from fedbench.precision import autocast
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
 from fedbench.registry import get_method
@@ -137,7 +138,8 @@ class Run:
                 records = self.merge(agg, records)
             traffic.commit(agg.apply(), rnd)
             evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
-            metrics = self.method.evaluate(self.model, rnd) if evaluate else {}
+            with autocast(cfg.precision, self.ctx.device):
+                metrics = self.method.evaluate(self.model, rnd) if evaluate else {}
             row = self.round_row(rnd, lr, records, metrics, time.perf_counter() - t0)
             self.rows.append(row)
             for o in observers:
@@ -172,30 +174,39 @@ class Run:
         batch = batch and self.method.trains_batched
         records = []
         for group in groups.values():
-            datas = [self.client_data(client) for client, _, _ in group]
-            if batch and len(group) > 1 and group[0][2].steps:
-                states = []
-                for _, _, plan in group:                                                           # 3. extract
-                    model = self.submodel(plan)
-                    states.append(batched.state_of(model))
-                results = batched.train_group(self.method, model, group[0][2], states, datas, lr,  # 4. train
-                                              [gen for _, gen, _ in group])
-            else:
-                results = [None] * len(group)
-            for (client, gen, plan), data, done in zip(group, datas, results):
-                if not plan.steps:  # the client sits the round out
-                    records.append(self.measure(rnd, client, budgets[client], plan, None, None, traffic))
-                    continue
-                if done is None:
-                    model = self.submodel(plan)
-                    result = self.method.local_train(model, data, plan, lr, gen)
-                else:
-                    model = self.working(plan)
-                    batched.load_state(model, done[0])
-                    result = done[1]
-                self.method.add_update(agg, plan, model, data)                                     # 5. aggregate
-                records.append(self.measure(rnd, client, budgets[client], plan, model, result, traffic))  # 6. measure
+            records += self.train_group(rnd, lr, agg, traffic, budgets, group, batch)
         return sorted(records, key=lambda r: r["client"])
+
+    def train_group(self, rnd: int, lr: float, agg, traffic: "Traffic", budgets: list[float], group: list[tuple],
+                    batch: bool) -> list[dict]:
+        """Train, aggregate and measure the round's clients of one plan shape (together when ``batch``)."""
+        records = []
+        datas = [self.client_data(client) for client, _, _ in group]
+        if batch and len(group) > 1 and group[0][2].steps:
+            states = []
+            for _, _, plan in group:                                                           # 3. extract
+                model = self.submodel(plan)
+                states.append(batched.state_of(model))
+            with autocast(self.config.precision, self.ctx.device):                               # 4. train
+                results = batched.train_group(self.method, model, group[0][2], states, datas, lr,
+                                              [gen for _, gen, _ in group])
+        else:
+            results = [None] * len(group)
+        for (client, gen, plan), data, done in zip(group, datas, results):
+            if not plan.steps:  # the client sits the round out
+                records.append(self.measure(rnd, client, budgets[client], plan, None, None, traffic))
+                continue
+            if done is None:
+                model = self.submodel(plan)
+                with autocast(self.config.precision, self.ctx.device):
+                    result = self.method.local_train(model, data, plan, lr, gen)
+            else:
+                model = self.working(plan)
+                batched.load_state(model, done[0])
+                result = done[1]
+            self.method.add_update(agg, plan, model, data)                                     # 5. aggregate
+            records.append(self.measure(rnd, client, budgets[client], plan, model, result, traffic))  # 6. measure
+        return records
 
     def merge(self, agg, records: list[dict]) -> list[dict]:
         """All processes' round: summed masked sums, every client's record, stateful clients' holdings."""
@@ -284,7 +295,7 @@ class Run:
             "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
             "forward_macs_per_sample": forward_macs(self.model, tuple(self.dataset.train_x.shape[1:])),
-            "device": str(self.ctx.device), "wall_s": sum(r["wall_s"] for r in self.rows),
+            "device": str(self.ctx.device), "precision": cfg.precision, "wall_s": sum(r["wall_s"] for r in self.rows),
             "provenance": provenance(self.ctx.device),
             "units": {"bytes": "B (decimal MB = 1e6 B in tables)",
                       "train_flops": "FLOPs, 2 per multiply-add, conv/matmul/attention only (FlopCounterMode on meta)",
@@ -324,7 +335,7 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
         build_client=partial(build_submodel, client_build, model),
         sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
         batch_size=min(cfg.batch_size, max(map(len, parts)) or cfg.batch_size),  # the largest client's batch
-        device=device, seed=cfg.seed)
+        device=device, seed=cfg.seed, precision=cfg.precision)
     ctx = Context(config=cfg, dataset=dataset, model=model, build=client_build, profiler=profiler,
                   options=method_options(method_cls, cfg),
                   client_labels=[dataset.train_y[p.to(device)].unique() for p in parts])

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedbench.errors import ConfigError
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
+from fedbench.precision import autocast
 from fedbench.submodel import set_trainable
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,9 @@ class Profiler:
 
     def __init__(self, build_client: Callable[[Plan], FedModel],
                  sample_shape: tuple[int, ...], num_classes: int, batch_size: int,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, precision: str = "fp32"):
         self.build_client = build_client
+        self.precision = precision  # the run's (fedbench.precision): every measurement runs under it
         self.make_trainer: Callable[[FedModel, Plan, Step], Trainable] | None = None
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
@@ -148,7 +150,8 @@ class Profiler:
         batch = self.batch_size if samples is None else min(self.batch_size, samples)
         key = (self.step_key(plan, step_index), batch)
         if key not in self._memory:
-            self._memory[key] = self._measure(plan, plan.steps[step_index], batch)
+            with autocast(self.precision, self.device):
+                self._memory[key] = self._measure(plan, plan.steps[step_index], batch)
         return self._memory[key]
 
     def _batch(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:

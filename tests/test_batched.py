@@ -128,7 +128,7 @@ def test_train_group_matches_local_train_client_by_client(float64):
 
 def test_only_methods_that_declare_it_and_keep_the_default_local_training_are_batched():
     assert {m.name for m in list_methods() if m.trains_batched} == {"fedavg", "small", "heterofl", "fedrolex",
-                                                                     "fd", "slt"}
+                                                                     "fd", "slt", "fedavg-exclusive"}
     for m in list_methods():  # a declaration its hooks contradicted would batch another objective
         assert not m.trains_batched or (m.local_train is Method.local_train and m.trainer is Method.trainer), m.name
 

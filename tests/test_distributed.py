@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--clients", "12", "--clients-per-round", "5", "--rounds", "2", "--eval-every", "1", "--device", "cpu",
           "--partition", "dirichlet:0.5", "--quiet"]
 CASES = {
-    "fedavg": ["--method", "fedavg"],
-    "heterofl-mixed": ["--method", "heterofl", "--memory-budget", "0.25,1"],
+    "fedavg": ["--method", "fedavg", "--model", "fedavg-cnn"],
+    "heterofl-mixed": ["--method", "heterofl", "--memory-budget", "0.25,1", "--model", "fedavg-cnn"],
     "slt": ["--method", "slt", "--memory-budget", "0.5", "--model", "resnet20", "--dataset", "synthetic:3x32:600"],
 }
 

@@ -24,7 +24,7 @@ from fedbench.compare import run_cell
 from fedbench.engine import Run
 from fedbench.observers import RunFiles
 
-TINY = ["--dataset", "synthetic", "--clients", "4", "--clients-per-round", "2", "--device", "cpu", "--quiet"]
+TINY = ["--dataset", "synthetic", "--model", "fedavg-cnn", "--clients", "4", "--clients-per-round", "2", "--device", "cpu", "--quiet"]
 
 
 def fedbench(*args):
