@@ -1,6 +1,6 @@
 """Wall time per round of one simulation over 1 vs N torchrun processes (issue 9).
 
-FedAvg, cnn, 100 clients, 20 per round, batch 32, 1 local epoch, on the embedded fmnist-mini
+FedAvg, fedavg-cnn, 100 clients, 20 per round, batch 32, 1 local epoch, on the embedded fmnist-mini
 (or ``--dataset fashion-mnist --data-dir DIR``). Each process gets cores / N intra-op threads; on a
 GPU machine the processes share the GPU (``--device cuda``). Prints the median wall time of a
 round (the first round, warm-up, and evaluation rounds excluded) and the speed-up.
@@ -26,7 +26,8 @@ def round_seconds(nproc: int, args, out: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), "PYTHONPATH": str(ROOT)}
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
                                  if nproc > 1 else [])
-    settings = ["--method", "fedavg", "--dataset", args.dataset, "--clients", "100", "--clients-per-round", "20",
+    settings = ["--method", "fedavg", "--model", "fedavg-cnn", "--dataset", args.dataset, "--clients", "100",
+                "--clients-per-round", "20",
                 "--rounds", str(args.rounds), "--eval-every", str(args.rounds), "--device", args.device, "--quiet",
                 "--out", str(out)] + (["--data-dir", args.data_dir] if args.data_dir else [])
     subprocess.run([*launch, "-m", "fedbench", "run", *settings], cwd=ROOT, env=env, check=True)
@@ -45,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = round_seconds(1, args, Path(tmp) / "one")
         many = round_seconds(args.nproc, args, Path(tmp) / "many")
-    print(f"device {args.device}, {os.cpu_count()} cores, FedAvg cnn on {args.dataset}, 20 clients per round")
+    print(f"device {args.device}, {os.cpu_count()} cores, FedAvg fedavg-cnn on {args.dataset}, 20 clients per round")
     print(f"1 process:   {one:.3f} s per round")
     print(f"{args.nproc} processes: {many:.3f} s per round")
     print(f"speed-up: {one / many:.2f}x")

@@ -13,8 +13,9 @@ Simulation rounds exclude the first (warm-up) and the last (evaluation).
 Workload ``fedavg-cnn`` (the CPU target): FedAvg on Fashion-MNIST (``--data-dir``; the embedded
 fmnist-mini without it) with the small CNN, 100 clients, 10 per round, batch 32, 1 epoch: total
 wall time of ``--rounds`` rounds of fedbench (its defaults on this device) and of the plain loop,
-both evaluating every 5 rounds, with their final accuracies; and the profiler's share of fedbench's
-wall time (memory, FLOPs and bytes accounting, set-up included).
+both evaluating every 5 rounds, with their final accuracies, fedbench in each ``--precisions`` value
+(the plain loop in fp32); and the profiler's share of fedbench's wall time (memory, FLOPs and bytes
+accounting, set-up included).
 
     python benchmarks/throughput.py --workload resnet --device cuda --rounds 5
     python benchmarks/throughput.py --workload fedavg-cnn --device cpu --rounds 30 --data-dir ../shared/datasets/fashion-mnist
@@ -166,10 +167,13 @@ def cnn(args) -> None:
         return wrapper
     for name in ("memory_of", "measure", "train_flops", "bytes_of"):  # forward_macs (fvcore) is in the summary
         setattr(Profiler, name, timed(getattr(Profiler, name)))
-    t0 = time.perf_counter()
-    run = prepare(resolve(settings))
-    run.execute()
-    ours = time.perf_counter() - t0
+    ours = {}
+    for precision in args.precisions.split(","):
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        run = prepare(resolve({**settings, "precision": precision}))
+        run.execute()
+        ours[precision] = (time.perf_counter() - t0, run.rows[-1]["accuracy"], spent[0])
     ds = run.dataset
     model = plain_model(run)
     t0 = time.perf_counter()
@@ -178,13 +182,14 @@ def cnn(args) -> None:
         if (rnd + 1) % 5 == 0 or rnd + 1 == args.rounds:
             plain_acc = accuracy(model, ds)
     plain = time.perf_counter() - t0
-    print(f"device {run.ctx.device}, cnn on {settings['dataset']}, torch {torch.__version__}, "
+    print(f"device {run.ctx.device}, fedavg-cnn on {settings['dataset']}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {args.rounds} rounds, client batching "
           f"{'on' if run.config.client_batching == 'on' or run.ctx.device.type == 'cuda' else 'off'} (auto)")
-    print(f"fedbench:   {ours:7.1f} s (set-up included), final accuracy {run.rows[-1]['accuracy']:.4f}")
-    print(f"plain loop: {plain:7.1f} s, final accuracy {plain_acc:.4f}")
-    print(f"fedbench / plain loop wall time: {ours / plain:.3f}  (target <= 0.67)")
-    print(f"profiler share of fedbench's wall time: {spent[0] / ours:.3%}  (target <= 5%)")
+    print(f"plain loop (fp32): {plain:7.1f} s, final accuracy {plain_acc:.4f}")
+    for precision, (wall, acc, profiler) in ours.items():
+        print(f"fedbench {precision}: {wall:7.1f} s (set-up included), final accuracy {acc:.4f}; "
+              f"/ plain loop wall time {wall / plain:.3f} (target <= 0.66 in fp32); "
+              f"profiler share {profiler / wall:.2%} (target <= 5%)")
 
 
 def main() -> None:
@@ -194,7 +199,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cases", default="fedavg,heterofl,slt",
                    help="resnet: fedavg, heterofl (budgets 0.25/0.5/1, clients grouped by width), slt (budget 0.25)")
-    p.add_argument("--data-dir", default=None, help="cnn: the Fashion-MNIST files (default: embedded fmnist-mini)")
+    p.add_argument("--data-dir", default=None, help="fedavg-cnn: the Fashion-MNIST files (default: embedded fmnist-mini)")
+    p.add_argument("--precisions", default="fp32,bf16", help="fedavg-cnn: fedbench's --precision values to time")
     args = p.parse_args()
     (resnet if args.workload == "resnet" else cnn)(args)
 
