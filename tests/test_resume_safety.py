@@ -46,18 +46,23 @@ def rounds(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / "rounds.csv").drop(columns="wall_s")
 
 
+@pytest.fixture(autouse=True)
+def terminal_sigint():
+    """Python's default SIGINT handler, as in a terminal: a shell starts background jobs (CI's may be one) with
+    SIGINT ignored, and fedbench then rightly leaves it ignored, so a Ctrl-C sent here would not reach the run."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def ctrl_c(monkeypatch, during: int, times: int = 1) -> None:
-    """A Ctrl-C, ``times`` over, while round ``during`` trains: Python's SIGINT handler of the moment is called,
-    as the interpreter does on a real Ctrl-C (delivering the signal itself to pytest's process proved unreliable
-    after other tests had run: some left SIGINT undelivered, so the run never saw it)."""
+    """A real Ctrl-C (SIGINT to this process), ``times`` over, while round ``during`` trains."""
     train_round = Run.train_round
 
     def interrupted(self, rnd, *args):
         if rnd + 1 == during:
             for _ in range(times):
-                handler = signal.getsignal(signal.SIGINT)
-                assert callable(handler), handler
-                handler(signal.SIGINT, None)
+                os.kill(os.getpid(), signal.SIGINT)
         return train_round(self, rnd, *args)
 
     monkeypatch.setattr(Run, "train_round", interrupted)
