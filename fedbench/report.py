@@ -256,8 +256,13 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def over(c) -> str:
-    """`` !``: a client exceeded its budget; `` *``: the run warned that its accuracy may not measure the method."""
-    return (" !" if c.violations > 0 else "") + (" *" if c.warned > 0 else "")
+    """`` !``: a client exceeded its budget."""
+    return " !" if c.violations > 0 else ""
+
+
+def marks(c) -> str:
+    """``over``, then `` *``: the run warned that its accuracy may not measure the method."""
+    return over(c) + (" *" if c.warned > 0 else "")
 
 
 def fmt_accuracy(c) -> str:
@@ -270,7 +275,7 @@ def fmt_accuracy(c) -> str:
         return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
     part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
-    return f"{c.accuracy_mean:.4f}{spread}{part}{over(c)}"
+    return f"{c.accuracy_mean:.4f}{spread}{part}{marks(c)}"
 
 
 def infeasible(c) -> str:
@@ -281,7 +286,7 @@ def fmt_memory(c) -> str:
     """Peak MB (peak / budget, or unbudgeted: a method that fits nothing to a budget, none counted over it)."""
     if c.seeds == 0:
         return infeasible(c) or "-"
-    return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){' !' if c.violations > 0 else ''}"
+    return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){over(c)}"
 
 
 TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)

@@ -64,10 +64,6 @@ def run_blocks(model: FedModel, x: torch.Tensor, blocks: tuple[int, ...]) -> tor
     return x
 
 
-def stem_and_blocks(model: FedModel, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
-    return model.forward_features(x, blocks)
-
-
 @register_method
 class FedAvgCheckpointed(Method):
     name = "fedavg-ckpt"
@@ -131,7 +127,7 @@ class FedAvgCheckpointed(Method):
             return super().loss(model, x, y, plan, step)
         blocks = tuple(range(len(model.blocks))) if step.blocks is None else tuple(step.blocks)
         first, *rest = segments(blocks, min(n, len(blocks)))
-        h = checkpoint(stem_and_blocks, model, x, first, use_reentrant=False)
+        h = checkpoint(model.forward_features, x, first, use_reentrant=False)
         for group in rest:
             h = checkpoint(run_blocks, model, h, group, use_reentrant=False)
         return F.cross_entropy(model.forward_head(h), y)

@@ -31,8 +31,8 @@ class FedAvgExclusive(Method):
         self.trains: dict[float, bool] = {}
 
     def setup(self) -> None:
-        full = self.ctx.profiler.memory_of(self.full_plan())
-        self.trains = {b: full <= b * self.ctx.full_memory for b in self.budgets}
+        full = self.ctx.full_memory  # the full plan's measured peak (what defines budget 1)
+        self.trains = {b: full <= b * full for b in self.budgets}
         if not any(self.trains.values()):
             raise too_small(max(self.budgets), full, self.ctx.full_memory,
                             "(the full model; every client would sit out)")
