@@ -26,7 +26,7 @@ def round_seconds(nproc: int, args, out: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), "PYTHONPATH": str(ROOT)}
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
                                  if nproc > 1 else [])
-    settings = ["--method", "fedavg", "--model", "fedavg-cnn", "--dataset", args.dataset, "--clients", "100",
+    settings = ["--method", "fedavg", "--model", args.model, "--dataset", args.dataset, "--clients", "100",
                 "--clients-per-round", "20",
                 "--rounds", str(args.rounds), "--eval-every", str(args.rounds), "--device", args.device, "--quiet",
                 "--out", str(out)] + (["--data-dir", args.data_dir] if args.data_dir else [])
@@ -41,12 +41,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--dataset", default="fmnist-mini")
+    p.add_argument("--model", default="fedavg-cnn")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one = round_seconds(1, args, Path(tmp) / "one")
         many = round_seconds(args.nproc, args, Path(tmp) / "many")
-    print(f"device {args.device}, {os.cpu_count()} cores, FedAvg fedavg-cnn on {args.dataset}, 20 clients per round")
+    print(f"device {args.device}, {os.cpu_count()} cores, FedAvg {args.model} on {args.dataset}, 20 clients per round")
     print(f"1 process:   {one:.3f} s per round")
     print(f"{args.nproc} processes: {many:.3f} s per round")
     print(f"speed-up: {one / many:.2f}x")

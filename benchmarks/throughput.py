@@ -12,10 +12,11 @@ Simulation rounds exclude the first (warm-up) and the last (evaluation).
 
 Workload ``fedavg-cnn`` (the CPU target): FedAvg on Fashion-MNIST (``--data-dir``; the embedded
 fmnist-mini without it) with the small CNN, 100 clients, 10 per round, batch 32, 1 epoch: total
-wall time of ``--rounds`` rounds of fedbench (its defaults on this device) and of the plain loop,
-both evaluating every 5 rounds, with their final accuracies, fedbench in each ``--precisions`` value
-(the plain loop in fp32); and the profiler's share of fedbench's wall time (memory, FLOPs and bytes
-accounting, set-up included).
+wall time of ``--rounds`` rounds of fedbench and of the plain loop, both evaluating every 5 rounds,
+with their final accuracies, fedbench in each ``--precisions`` value (the plain loop in fp32) in one
+process, and as ``fedbench run --processes N`` for each other ``--processes`` value (a new process
+each, start-up included); and the profiler's share of fedbench's one-process wall time (memory,
+FLOPs and bytes accounting, set-up included).
 
     python benchmarks/throughput.py --workload resnet --device cuda --rounds 5
     python benchmarks/throughput.py --workload fedavg-cnn --device cpu --rounds 30 --data-dir ../shared/datasets/fashion-mnist
@@ -24,7 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,7 @@ from fedbench.profiler import Profiler
 from fedbench.seeding import sample_clients
 
 
+ROOT = str(Path(__file__).resolve().parents[1])
 PER_CLIENT = 500  # resnet workload: 50,000 synthetic images over 100 IID clients
 
 
@@ -174,6 +182,8 @@ def cnn(args) -> None:
         run = prepare(resolve({**settings, "precision": precision}))
         run.execute()
         ours[precision] = (time.perf_counter() - t0, run.rows[-1]["accuracy"], spent[0])
+    spawned = {(precision, n): whole_process(settings, precision, n)
+               for n in map(int, args.processes.split(",")) if n > 1 for precision in args.precisions.split(",")}
     ds = run.dataset
     model = plain_model(run)
     t0 = time.perf_counter()
@@ -190,6 +200,21 @@ def cnn(args) -> None:
         print(f"fedbench {precision}: {wall:7.1f} s (set-up included), final accuracy {acc:.4f}; "
               f"/ plain loop wall time {wall / plain:.3f} (target <= 0.66 in fp32); "
               f"profiler share {profiler / wall:.2%} (target <= 5%)")
+    for (precision, n), (wall, acc) in spawned.items():
+        print(f"fedbench {precision} --processes {n}: {wall:7.1f} s (whole process, start-up included), final "
+              f"accuracy {acc:.4f}; / plain loop wall time {wall / plain:.3f}")
+
+
+def whole_process(settings: dict, precision: str, processes: int) -> tuple[float, float]:
+    """Wall time and final accuracy of ``fedbench run --processes N`` as a user starts it (a new process)."""
+    flags = [a for k, v in settings.items() if v is not None and v is not True
+             for a in (f"--{k.replace('_', '-')}", str(v))] + ["--quiet"]
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fedbench", "run", *flags, "--precision", precision,
+                        "--processes", str(processes), "--out", out], check=True, env={**os.environ, "PYTHONPATH": ROOT})
+        wall = time.perf_counter() - t0
+        return wall, json.loads((Path(out) / "summary.json").read_text())["final_accuracy"]
 
 
 def main() -> None:
@@ -201,6 +226,8 @@ def main() -> None:
                    help="resnet: fedavg, heterofl (budgets 0.25/0.5/1, clients grouped by width), slt (budget 0.25)")
     p.add_argument("--data-dir", default=None, help="fedavg-cnn: the Fashion-MNIST files (default: embedded fmnist-mini)")
     p.add_argument("--precisions", default="fp32,bf16", help="fedavg-cnn: fedbench's --precision values to time")
+    p.add_argument("--processes", default="1,2", help="fedavg-cnn: fedbench's --processes values to time (1 in this "
+                                                      "process; more as `fedbench run --processes N`)")
     args = p.parse_args()
     (resnet if args.workload == "resnet" else cnn)(args)
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from datetime import datetime
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -170,17 +170,23 @@ Config = Annotated[Optional[Path], typer.Option("--config", help="TOML file with
 def run(ctx: typer.Context,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (its files are removed first).")] = False,
+        processes: Annotated[str, typer.Option(envvar="FEDBENCH_PROCESSES", metavar="[auto|INTEGER]", help=(
+            "Processes that share each round's clients, each with cores/N threads (auto: 2 on a CPU with 2+ cores, "
+            "1 on a GPU; ignored under torchrun). Results equal one process's within float tolerance."))] = "auto",
         config: Config = None, **settings) -> None:
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json.
 
     Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round.
     """
-    from fedbench.checkpoint import Checkpointer, clear, held_files, restore, stop_on_interrupt
+    from fedbench.checkpoint import Checkpointer, clear, held_files, stop_on_interrupt
     from fedbench.config import resolve
-    from fedbench.distributed import from_env
-    from fedbench.engine import prepare
+    from fedbench.distributed import from_env, local_group, processes as count
+    from fedbench.engine import resolve_device
     from fedbench.observers import Live, RunFiles
+    from fedbench.registry import get_method
 
+    if processes != "auto" and not (processes.isdigit() and int(processes) >= 1):
+        raise ConfigError("--processes", f"{processes!r} is not a process count; allowed: auto or an integer >= 1")
     flags = given(ctx, settings)
     if resume is not None:
         if overwrite or config is not None:
@@ -198,24 +204,26 @@ def run(ctx: typer.Context,
         raise ConfigError("--out", f"{folder} already holds a run ({', '.join(held)}); continue it with --resume "
                                    f"{folder}, replace it with --overwrite, or choose another --out")
     warn_unbudgeted(cfg)
-    with measuring(not cfg.quiet and main):  # not on the other torchrun processes
-        runner = prepare(cfg, group=group)
-    if resume is not None:
-        restore(runner, folder)
-    elif overwrite and main:
-        clear(folder)
-    checkpoints = Checkpointer(folder, cfg.checkpoint_every)
-    observers = ([RunFiles(folder), checkpoints] if main else []) + ([] if cfg.quiet or not main else [Live(err)])
-    stopping = stop_on_interrupt(checkpoints, lambda: err.print("Ctrl-C: stopping after this round, with a checkpoint "
-                                                                "(Ctrl-C again: stop at once)"))
-    try:  # under torchrun every process gets the Ctrl-C and stops at once
-        with stopping if group is None else nullcontext():
-            summary = runner.execute(observers)
-    except KeyboardInterrupt:
-        resumable = (f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
-                     if checkpoints.saved else "no round was checkpointed, nothing to resume")
-        err.print(f"interrupted after round {runner.completed}; {resumable}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    n = 1 if group is not None else count(processes, resolve_device(cfg.device), cfg.clients_per_round,
+                                          not get_method(cfg.method).keeps_client_state)
+    sharing = local_group(n, partial(train_share, cfg, resume)) if n > 1 else nullcontext(lambda: None)
+    with sharing as connect:
+        with measuring(not cfg.quiet and main):  # not on the other processes
+            runner = ready(cfg, resume, group or connect())
+        if overwrite and main:
+            clear(folder)
+        checkpoints = Checkpointer(folder, cfg.checkpoint_every)
+        observers = ([RunFiles(folder), checkpoints] if main else []) + ([] if cfg.quiet or not main else [Live(err)])
+        stopping = stop_on_interrupt(checkpoints, lambda: err.print(
+            "Ctrl-C: stopping after this round, with a checkpoint (Ctrl-C again: stop at once)"))
+        try:  # under torchrun every process gets the Ctrl-C and stops at once; spawned workers leave it to this one
+            with stopping if group is None else nullcontext():
+                summary = runner.execute(observers)
+        except KeyboardInterrupt:
+            resumable = (f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume "
+                         f"{folder}" if checkpoints.saved else "no round was checkpointed, nothing to resume")
+            err.print(f"interrupted after round {runner.completed}; {resumable}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     if summary["status"] == "diverged":
         err.print(f"diverged: the train loss of round {summary['diverged_round']} is {runner.rows[-1]['train_loss']} "
                   f"(not finite); the run stopped there and {folder / 'summary.json'} says status diverged "
@@ -223,6 +231,26 @@ def run(ctx: typer.Context,
         raise typer.Exit(3)
     if not cfg.quiet and main:
         err.print(f"results: {folder}", highlight=False)
+
+
+def ready(cfg, resume: Path | None, group):
+    """The prepared run (resumed from ``resume``'s checkpoint if given), sharing its rounds with ``group``."""
+    from fedbench.checkpoint import restore
+    from fedbench.engine import prepare
+
+    runner = prepare(cfg, group=group)
+    if resume is not None:
+        restore(runner, resume)
+    return runner
+
+
+def train_share(cfg, resume: Path | None, group) -> None:
+    """A spawned worker of ``run --processes``: its share of every round; rank 0 writes and reports. A bad
+    setting stops rank 0 with its message (the worker is then stopped), so the worker stays silent on it."""
+    try:
+        ready(cfg, resume, group).execute([])
+    except ConfigError:
+        pass
 
 
 def warn_unbudgeted(cfg) -> None:

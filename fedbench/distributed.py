@@ -8,13 +8,23 @@ process, so the result equals the one-process run within float tolerance (summat
 Across a sweep, ``compare`` gives each process every size-th unfinished cell.
 
 Backends: NCCL when CUDA is available (process i on GPU ``LOCAL_RANK``), gloo on CPUs.
+
+Without torchrun, ``fedbench run --processes N`` starts the same group itself (issue 16): this
+process is rank 0 and writes everything; N-1 spawned workers train their share of each round
+and are stopped when rank 0 leaves. ``auto`` is 2 processes of cores/2 threads each on a CPU with
+two or more cores (measured on a 2-core CPU: 1.34x per round on ResNet-20, 1.37x on the CNN,
+benchmarks/scaling.py; small convolutions scale poorly across threads), 1 on a GPU.
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,3 +76,61 @@ def from_env() -> Group | None:
         # a sweep's processes wait at the final barrier for the slowest one's cells
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
     return Group(dist.get_rank(), dist.get_world_size())
+
+
+def processes(setting: str, device: torch.device, clients_per_round: int, shared: bool) -> int:
+    """How many processes ``--processes`` means for a run: ``auto`` (see the module docstring) or a number;
+    1 when the round's clients cannot be shared (``shared`` False: per-client state) or there is one client."""
+    if not shared or clients_per_round < 2:
+        return 1
+    if setting == "auto":
+        return 2 if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    return min(int(setting), clients_per_round)
+
+
+def join(store: str, rank: int, size: int) -> Group:
+    """Join the gloo group of ``size`` local processes that meet at the file ``store``."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                            timeout=timedelta(hours=1))
+    return Group(rank, size)
+
+
+def follow(store: str, rank: int, size: int, threads: int, job: Callable[[Group], None]) -> None:
+    """A spawned worker: its share of the threads, Ctrl-C and logging left to rank 0 (which stops the workers),
+    then ``job``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs the run's warnings, once
+    torch.set_num_threads(threads)
+    job(join(store, rank, size))
+    dist.destroy_process_group()
+
+
+@contextmanager
+def local_group(size: int, job: Callable[[Group], None]) -> Iterator[Callable[[], Group]]:
+    """Spawn ``size - 1`` workers that each run ``job(group)`` (a picklable callable) and yield how this process
+    joins them as rank 0 (call it once its own set-up is done: the workers start meanwhile), all with
+    cores/size intra-op threads. On leaving, normally or not, workers still running are stopped and this
+    process's threads and group are restored."""
+    import torch.multiprocessing as mp
+
+    threads, before = max(1, (os.cpu_count() or 1) // size), torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        context = mp.get_context("spawn")
+        workers = [context.Process(target=follow, args=(store, rank, size, threads, job), daemon=True)
+                   for rank in range(1, size)]
+        for w in workers:
+            w.start()
+        torch.set_num_threads(threads)
+        try:
+            yield lambda: join(store, 0, size)
+            for w in workers:
+                w.join()
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()
+                w.join()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            torch.set_num_threads(before)

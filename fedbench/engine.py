@@ -295,7 +295,9 @@ class Run:
             "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
             "forward_macs_per_sample": forward_macs(self.model, tuple(self.dataset.train_x.shape[1:])),
-            "device": str(self.ctx.device), "precision": cfg.precision, "wall_s": sum(r["wall_s"] for r in self.rows),
+            "device": str(self.ctx.device), "precision": cfg.precision,
+            "processes": self.group.size if self.group is not None else 1,
+            "wall_s": sum(r["wall_s"] for r in self.rows),
             "provenance": provenance(self.ctx.device),
             "units": {"bytes": "B (decimal MB = 1e6 B in tables)",
                       "train_flops": "FLOPs, 2 per multiply-add, conv/matmul/attention only (FlopCounterMode on meta)",
@@ -338,7 +340,7 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
         device=device, seed=cfg.seed, precision=cfg.precision)
     ctx = Context(config=cfg, dataset=dataset, model=model, build=client_build, profiler=profiler,
                   options=method_options(method_cls, cfg),
-                  client_labels=[dataset.train_y[p.to(device)].unique() for p in parts])
+                  client_labels=[dataset.train_y[p.to(device)].unique() for p in parts], group=group)
     method = method_cls(ctx)
     profiler.bind(partial(method.trainer, lr=cfg.lr))
     ctx.full_memory = profiler.memory_of(method.full_plan())

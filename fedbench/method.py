@@ -22,6 +22,7 @@ from fedbench.plan import Plan, Step
 from fedbench.submodel import set_trainable, uploaded
 
 if TYPE_CHECKING:
+    from fedbench.distributed import Group
     from collections.abc import Callable
 
     from fedbench.config import RunConfig
@@ -58,6 +59,7 @@ class Context:
     options: Any                       # the method's ``Options``, filled from the run's settings
     full_memory: int = 0               # bytes: measured peak of the full model under this method
     client_labels: list[torch.Tensor] = field(default_factory=list)  # per client: labels it holds
+    group: "Group | None" = None       # processes sharing each round's clients (fedbench.distributed)
 
     @property
     def device(self) -> torch.device:
@@ -106,23 +108,29 @@ EVAL_BATCH = 500
 
 
 @torch.no_grad()
-def evaluate_on_test(model: FedModel, ds: Dataset) -> dict[str, float]:
+def evaluate_on_test(model: FedModel, ds: Dataset, group: "Group | None" = None) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` on the test split, in batches of EVAL_BATCH.
 
     BatchNorm without running statistics (the SLT/FEDEPTH code's, kept here) normalises each batch
     with its own statistics, so the result depends on which samples share a batch: the split's
     fixed content order (``fedbench.data.content_order``) mixes the classes of every batch.
+    With a process ``group`` each process evaluates every size-th batch and the sums are all-reduced
+    (the same batches, so the same accuracy; the loss up to summation order).
     """
     model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(ds.test_y), EVAL_BATCH):
+    totals = torch.zeros(2, dtype=torch.float64, device=ds.test_y.device)  # correct, summed loss
+    rank, size = (group.rank, group.size) if group is not None else (0, 1)
+    for i in range(rank * EVAL_BATCH, len(ds.test_y), size * EVAL_BATCH):
         x, y = normalize(ds.test_x[i:i + EVAL_BATCH], ds), ds.test_y[i:i + EVAL_BATCH]
         out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        totals += torch.stack([(out.argmax(1) == y).sum().double(),
+                               F.cross_entropy(out.float(), y, reduction="sum").double()])
+    if group is not None:
+        group.all_reduce(totals)
     model.train()
     n = len(ds.test_y)
-    return {"accuracy": correct / n, "loss": loss / n}
+    correct, loss = totals.tolist()
+    return {"accuracy": int(correct) / n, "loss": loss / n}
 
 
 @dataclass(frozen=True)
@@ -247,7 +255,7 @@ class Method:
 
     def evaluate(self, global_model: FedModel, rnd: int) -> dict[str, float]:
         """Top-1 accuracy and mean cross-entropy on the test split after round ``rnd`` (0-based)."""
-        return evaluate_on_test(self.eval_model(global_model, rnd), self.dataset)
+        return evaluate_on_test(self.eval_model(global_model, rnd), self.dataset, self.ctx.group)
 
     def describe_eval(self) -> str:
         return "top-1 accuracy of the full global model on the test split"

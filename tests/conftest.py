@@ -1,6 +1,7 @@
 """Shared test helpers: small real runs on the embedded data, paths to the optional shared data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from fedbench.engine import Run, prepare
 FMNIST_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-mnist"
 needs_fmnist = pytest.mark.skipif(not FMNIST_SRC.is_dir(), reason="original Fashion-MNIST files not available")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# `fedbench run` shares rounds over 2 processes on a multi-core CPU by default; the tests (and the fedbench
+# processes they start) run one unless they ask for more, as the tests of --processes do.
+os.environ["FEDBENCH_PROCESSES"] = "1"
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

@@ -55,6 +55,8 @@ def nothing_under(folder: Path) -> bool:
     (["--rounds", str(10**23)], "--rounds", "<= 1000000"),
     (["--clients", str(10**8)], "--clients", "<= 10000000"),
     (["--batch-size", "0"], "--batch-size", ">= 1"),
+    (["--processes", "0"], "--processes", "auto or an integer >= 1"),
+    (["--processes", "two"], "--processes", "auto or an integer >= 1"),
     (["--local-epochs", str(10**9)], "--local-epochs", "<= 10000"),
     (["--augment", "flip"], "--augment", "auto, none, crop-flip"),
     (["--method", "fedepth", "--distill-temperature", "0"], "--distill-temperature", "> 0"),

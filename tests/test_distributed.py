@@ -1,6 +1,7 @@
 """One simulation and one sweep over torchrun processes (gloo, CPU) equal the one-process run (issue 9)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,7 +98,11 @@ def test_methods_with_per_client_state_are_refused_across_processes_as_declared(
 def test_two_processes_equal_one(case, tmp_path):
     for nproc in (1, 2):
         fedbench(["run", *CASES[case], *COMMON, "--out", str(tmp_path / f"p{nproc}")], nproc)
-    one, two = (pd.read_csv(tmp_path / f"p{n}" / "rounds.csv") for n in (1, 2))
+    fedbench(["run", *CASES[case], *COMMON, "--processes", "2", "--out", str(tmp_path / "spawned")])
+    one, two, spawned = (pd.read_csv(tmp_path / f / "rounds.csv") for f in ("p1", "p2", "spawned"))
+    # --processes 2 starts the group torchrun starts: the same shares and sums, so the same rounds
+    pd.testing.assert_frame_equal(two.drop(columns="wall_s"), spawned.drop(columns="wall_s"))
+    assert [json.loads((tmp_path / f / "summary.json").read_text())["processes"] for f in ("p1", "spawned")] == [1, 2]
     # The all-reduce sums the clients' masked sums in another order; SGD amplifies that float32 rounding
     # (see tests/test_batched.py): measured up to 0.0035 (7 of 2,000 test images) for fedavg on fmnist-mini.
     assert one["accuracy"].tolist() == pytest.approx(two["accuracy"].tolist(), abs=5e-3)

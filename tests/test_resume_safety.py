@@ -146,6 +146,19 @@ def test_ctrl_c_checkpoints_the_round_and_resume_matches_the_whole_run(whole, tm
     pd.testing.assert_frame_equal(rounds(out), rounds(whole))
 
 
+def test_ctrl_c_with_spawned_workers_checkpoints_and_resume_matches_the_whole_run(tmp_path, monkeypatch):
+    """Rank 0 takes the Ctrl-C for the processes of --processes 2: the round ends, is checkpointed, the workers
+    stop; the resumed run equals the uninterrupted one of the same two processes."""
+    two = [*TINY, "--rounds", "4", "--processes", "2"]
+    assert fedbench("run", *two, "--out", tmp_path / "whole").exit_code == 0
+    ctrl_c(monkeypatch, during=2)
+    result = fedbench("run", *two, "--out", tmp_path / "run")
+    assert result.exit_code == 130 and "after round 2" in result.output, result.output
+    monkeypatch.undo()
+    assert fedbench("run", "--resume", tmp_path / "run", "--processes", "2").exit_code == 0
+    pd.testing.assert_frame_equal(rounds(tmp_path / "run"), rounds(tmp_path / "whole"))
+
+
 def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
     out = tmp_path / "run"
     ctrl_c(monkeypatch, during=2, times=2)
