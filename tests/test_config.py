@@ -25,7 +25,7 @@ def options_of(command) -> dict[str, object]:
 def test_cli_options_are_derived_from_the_declarations():
     methods = {name for m in list_methods() for name in specs(m.Options)}
     assert methods and methods <= set(option_specs())
-    own = {"run": {"resume", "overwrite", "config"}, "profile": {"config", "csv"},
+    own = {"run": {"resume", "overwrite", "processes", "config"}, "profile": {"config", "csv"},
            "compare": {"methods", "memory_budget", "seeds", "out", "jobs", "preset", "check", "config"}}
     for command, settings in ((cli.run, set(RUN)), (cli.profile, set(cli.PROFILE_SETTINGS)),
                               (cli.compare, set(cli.COMPARE_SETTINGS))):
