@@ -49,6 +49,9 @@ class RunConfig:
                                                 "list splits clients into equal groups."] = (1.0,)
     budget_assignment: Annotated[Literal["fixed", "per-round"], "fixed (equal client groups) or per-round (each "
                                  "client's budget drawn from the list every round)."] = "fixed"
+    over_budget: Annotated[Literal["record", "drop"], "A client whose configuration measures above its budget: "
+                           "record (it trains; the violation is counted and marked) or drop (it runs out of "
+                           "memory: trains and sends nothing that round; counted as dropped)."] = "record"
     eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
     precision: Annotated[Literal["fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 autocast "

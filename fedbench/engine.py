@@ -24,7 +24,7 @@ from fedbench.errors import ConfigError
 from fedbench.method import ClientData, Context, Method
 from fedbench.models import FedModel, create_model
 from fedbench.partition import partition
-from fedbench.plan import Plan
+from fedbench.plan import Plan, out_of_memory
 from fedbench.precision import autocast
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
@@ -166,7 +166,10 @@ class Run:
             clients = self.group.share(clients, [len(self.parts[c]) for c in clients])
         for client in clients:                                                                     # 1. sample
             gen = generator(cfg.seed, "client", rnd, client, device=self.ctx.device)
-            work.append((client, gen, self.method.plan(rnd, client, budgets[client], gen)))       # 2. plan
+            plan = self.method.plan(rnd, client, budgets[client], gen)                            # 2. plan
+            if cfg.over_budget == "drop" and self.over_budget(plan, client, budgets[client]):
+                plan = out_of_memory(plan)
+            work.append((client, gen, plan))
         groups: dict[tuple, list[tuple]] = {}
         for item in work:
             groups.setdefault(item[2].shape_key(), []).append(item)
@@ -208,6 +211,13 @@ class Run:
             records.append(self.measure(rnd, client, budgets[client], plan, model, result, traffic))  # 6. measure
         return records
 
+    def over_budget(self, plan: Plan, client: int, budget: float) -> bool:
+        """Whether the client's configuration measures above its budget (never for a method that ignores budgets)."""
+        if not plan.steps or unbudgeted(type(self.method)):
+            return False
+        n = len(self.parts[client])
+        return max(self.profiler.measure(plan, i, n).peak for i in range(len(plan.steps))) > budget * self.ctx.full_memory
+
     def merge(self, agg, records: list[dict]) -> list[dict]:
         """All processes' round: summed masked sums, every client's record, stateful clients' holdings."""
         agg.all_reduce(self.group.all_reduce)
@@ -221,10 +231,11 @@ class Run:
     def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel | None, result,
                 traffic: "Traffic") -> dict:
         budget_bytes = budget * self.ctx.full_memory
-        if not plan.steps:  # excluded: no memory used, nothing computed or sent
+        if not plan.steps:  # excluded (or dropped, out of memory): no memory used, nothing computed or sent
             return {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
                     "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0, "bytes_down": 0,
-                    "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True}
+                    "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
+                    "dropped": bool(plan.option("out_of_memory"))}
         steps = [self.profiler.measure(plan, i, len(self.parts[client])) for i in range(len(plan.steps))]
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
@@ -234,7 +245,7 @@ class Run:
             "within_budget": peak <= budget_bytes or unbudgeted(type(self.method)),
             "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model),
             "bytes_up": tensor_bytes(uploaded(model, plan).values()), "samples": sum(result.samples),
-            "train_loss": result.loss, "excluded": False,
+            "train_loss": result.loss, "excluded": False, "dropped": False,
         }
         if steps[0].cuda_peak is not None:
             record["cuda_peak_bytes"] = max(m.cuda_peak for m in steps)
@@ -252,6 +263,7 @@ class Run:
             "train_flops": sum(r["train_flops"] for r in records),
             "peak_max": max(peaks), "peak_mean": sum(peaks) / len(peaks),
             "violations": sum(not r["within_budget"] for r in records), "clients": n, "trained": len(trained),
+            "dropped": sum(r["dropped"] for r in records),
             "wall_s": seconds,
         }
 
@@ -291,6 +303,8 @@ class Run:
             "peak_max_bytes": max((r["peak_max"] for r in self.rows), default=0),
             "violations": sum(r["violations"] for r in self.rows),
             "excluded_client_rounds": sampled - sum(r.get("trained", r["clients"]) for r in self.rows),
+            "dropped_client_rounds": sum(r.get("dropped", 0) for r in self.rows),
+            "over_budget": cfg.over_budget,
             "train_flops_per_client_round": sum(r["train_flops"] for r in self.rows) / client_rounds,
             "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,

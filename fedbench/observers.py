@@ -165,6 +165,8 @@ def summary_table(s: dict) -> Table:
         ("full-model training memory", f"{s['full_model_memory_bytes'] / mb:.2f} MB"),
         ("peak client memory (max)", f"{s['peak_max_bytes'] / mb:.2f} MB"),
         ("client-rounds over budget", "unbudgeted" if s.get("unbudgeted") else str(s["violations"])),
+        *([("client-rounds dropped (out of memory)", str(s["dropped_client_rounds"]))]
+          if s.get("over_budget") == "drop" else []),
         ("train GFLOPs / client-round", f"{s['train_flops_per_client_round'] / 1e9:.3f}"),
         ("MB down / up per client-round", f"{s['bytes_down_per_client_round'] / mb:.3f} / {s['bytes_up_per_client_round'] / mb:.3f}"),
         ("forward MMACs / sample (fvcore)", f"{s['forward_macs_per_sample'] / 1e6:.2f}"),

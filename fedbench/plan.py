@@ -68,3 +68,9 @@ class Plan:
 
 
 EXCLUDED = Plan(steps=(), label="excluded")  # a client that sits the round out: trains, receives and sends nothing
+
+
+def out_of_memory(plan: Plan) -> Plan:
+    """``plan``'s client under ``--over-budget drop``: it sits the round out like ``EXCLUDED``, labelled with the
+    configuration that did not fit."""
+    return Plan(steps=(), label=f"out of memory ({plan.label})", options=(("out_of_memory", True),))

@@ -82,7 +82,7 @@ SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "
                 "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
-               "diverged", "unbudgeted", "violations", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
+               "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
                "settings", "path"]
 
 
@@ -144,6 +144,7 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
     return row | {
         "status": "ok", "problem": "", "rounds": summary["rounds"], "final_accuracy": summary["final_accuracy"],
         "evaluation": summary.get("evaluation", ""), "violations": summary["violations"],
+        "dropped": summary.get("dropped_client_rounds", 0) / max(1, len(clients)),  # share of sampled client-rounds
         "peak_MB": summary["peak_max_bytes"] / MB,
         "peak_of_budget": float((clients["peak_bytes"] / clients["budget_bytes"]).max()),
         "train_GFLOPs": summary["train_flops_per_client_round"] / 1e9,
@@ -250,7 +251,8 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
         error=("error", "first"), diverged=("diverged", "sum"), unbudgeted=("unbudgeted", "any"),
         accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
-        MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum")).reset_index()
+        MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
+        dropped=("dropped", "max")).reset_index()
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
                              ascending=[False, True, True, True, True], ignore_index=True)
 
@@ -261,8 +263,9 @@ def over(c) -> str:
 
 
 def marks(c) -> str:
-    """``over``, then `` *``: the run warned that its accuracy may not measure the method."""
-    return over(c) + (" *" if c.warned > 0 else "")
+    """``over``; `` (dropped X%)``: under ``--over-budget drop``, the largest share of sampled client-rounds that ran
+    out of memory; then `` *``: the run warned that its accuracy may not measure the method."""
+    return over(c) + (f" (dropped {c.dropped:.0%})" if c.dropped > 0 else "") + (" *" if c.warned > 0 else "")
 
 
 def fmt_accuracy(c) -> str:
@@ -290,8 +293,8 @@ def fmt_memory(c) -> str:
 
 
 TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)
-    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget, * = see "
-                 "Warnings)",
+    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget, dropped X% "
+                 "= client-rounds that ran out of memory under --over-budget drop, * = see Warnings)",
                  fmt_accuracy, True),
     "accuracy_ssl": ("Self-supervised methods: final linear-probe accuracy (see runs.csv evaluation), mean ± std "
                      "over seeds (! = over budget)", fmt_accuracy, False),
