@@ -215,8 +215,12 @@ class Run:
         """Whether the client's configuration measures above its budget (never for a method that ignores budgets)."""
         if not plan.steps or unbudgeted(type(self.method)):
             return False
+        return max(m.peak for m in self.measured(plan, client)) > budget * self.ctx.full_memory
+
+    def measured(self, plan: Plan, client: int) -> list:
+        """The profiler's measurement of each step of ``plan`` at the client's batch (cached by the profiler)."""
         n = len(self.parts[client])
-        return max(self.profiler.measure(plan, i, n).peak for i in range(len(plan.steps))) > budget * self.ctx.full_memory
+        return [self.profiler.measure(plan, i, n) for i in range(len(plan.steps))]
 
     def merge(self, agg, records: list[dict]) -> list[dict]:
         """All processes' round: summed masked sums, every client's record, stateful clients' holdings."""
@@ -236,7 +240,7 @@ class Run:
                     "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0, "bytes_down": 0,
                     "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
                     "dropped": bool(plan.option("out_of_memory"))}
-        steps = [self.profiler.measure(plan, i, len(self.parts[client])) for i in range(len(plan.steps))]
+        steps = self.measured(plan, client)
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
         record = {
