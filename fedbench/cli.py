@@ -161,6 +161,7 @@ def writable(folder: Path, flag: str) -> None:
 
 
 Config = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as the flags; flags win.")]
+Target = Annotated[Optional[float], typer.Option(help="Accuracy whose simulated time to reach the time-to-accuracy table shows (runs with --devices).")]
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -255,12 +256,13 @@ def train_share(cfg, resume: Path | None, group) -> None:
 
 def warn_unbudgeted(cfg) -> None:
     """One line when a budget is given to a method that ignores budgets: the run records it as unbudgeted."""
+    from fedbench.budget import label
     from fedbench.engine import unbudgeted
     from fedbench.registry import get_method
 
     if unbudgeted(get_method(cfg.method)) and cfg.memory_budget != (1.0,):
         err.print(f"warning: {cfg.method} fits nothing to a memory budget (self-supervised, not budgeted): "
-                  f"--memory-budget {','.join(f'{b:g}' for b in cfg.memory_budget)} is recorded as unbudgeted, "
+                  f"--memory-budget {','.join(map(label, cfg.memory_budget))} is recorded as unbudgeted, "
                   "no client-round counts as over budget", highlight=False, soft_wrap=True)
 
 
@@ -357,12 +359,13 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
 @settings_of(*COMPARE_SETTINGS)
 def compare(ctx: typer.Context,
             methods: Annotated[Optional[str], typer.Option(help="Comma list of methods, or all (every registered one).")] = None,
-            memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory): each cell gives ONE of them to all its clients.")] = None,
+            memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory, or sizes such as 8MB, or devices): each cell gives ONE of them to all its clients.")] = None,
             seeds: Annotated[Optional[str], typer.Option(help="Comma list of seeds (default 0).")] = None,
             out: Annotated[Optional[Path], typer.Option(help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
             jobs: Annotated[Optional[int], typer.Option(help="Cells run at once in separate processes (default 1: in turn, also on a GPU).")] = None,
             preset: Annotated[Optional[str], typer.Option(help="smoke: every registered method at budget 0.5 on fmnist-mini, a few rounds (fedbench/presets/).")] = None,
             check: Annotated[bool, typer.Option("--check", help="Exit 1 if a cell failed, a budgeted method exceeded a client's budget or a method ended at chance accuracy.")] = False,
+            target_accuracy: Target = None,
             config: Annotated[Optional[Path], typer.Option("--config", help="Sweep TOML: run keys, a list value is a sweep axis, overrides.METHOD tables.")] = None,
             **settings) -> None:
     """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
@@ -371,6 +374,8 @@ def compare(ctx: typer.Context,
 
     flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
                                         out=str(out) if out else None, jobs=jobs)
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:  # before the sweep, not after it
+        raise ConfigError("--target-accuracy", f"{target_accuracy!r} not allowed; allowed: a number in (0, 1]")
     spec = load_sweep(flags, config, preset)
     if isinstance(spec.get("out"), str):
         writable(Path(spec["out"]), "--out")
@@ -386,7 +391,7 @@ def compare(ctx: typer.Context,
         raise typer.Exit(130) from None
     if group is not None and not group.main:
         return
-    comparison = show_comparison(todo.root)
+    comparison = show_comparison(todo.root, target_accuracy)
     failures = check_cells(todo.cells, comparison.runs) if check else []
     for line in failures:
         err.print(f"check failed: {line}", highlight=False, soft_wrap=True)
@@ -406,15 +411,16 @@ def print_outcome(o) -> None:
 
 @app.command()
 @boundary
-def report(folder: Annotated[Path, typer.Argument(help="A sweep folder (any folder holding run folders).")]) -> None:
+def report(folder: Annotated[Path, typer.Argument(help="A sweep folder (any folder holding run folders).")],
+           target_accuracy: Target = None) -> None:
     """Rebuild the tables (printed, CSV, Markdown) and plots from the run folders under FOLDER, into FOLDER/report."""
-    show_comparison(folder)
+    show_comparison(folder, target_accuracy)
 
 
-def show_comparison(root: Path):
+def show_comparison(root: Path, target: float | None = None):
     from fedbench.report import compare_runs, render_comparison, write_comparison
 
-    comparison = compare_runs(root)
+    comparison = compare_runs(root, target)
     write_comparison(comparison, root / "report")
     for table in render_comparison(comparison):
         out.print(table)

@@ -32,6 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedbench.budget import label
 from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, parse_budget, resolve
 from fedbench.errors import ConfigError
 from fedbench.registry import get_method, list_methods
@@ -207,8 +208,8 @@ def override_tables(tables: Any, methods: list[str]) -> dict[str, dict[str, Any]
     return out
 
 
-def cell_name(method: str, budget: tuple[float, ...], seed: int, axes: dict[str, Any]) -> str:
-    parts = ["b" + "+".join(f"{b:g}" for b in budget)]
+def cell_name(method: str, budget: tuple[float | str, ...], seed: int, axes: dict[str, Any]) -> str:
+    parts = ["b" + "+".join(map(label, budget))]
     parts += [f"{k.replace('_', '-')}={v}" for k, v in sorted(axes.items())]
     return f"{method}/{re.sub(r'[^A-Za-z0-9._=+-]', '_', '-'.join(parts))}/s{seed}"
 

@@ -45,13 +45,21 @@ class RunConfig:
     partition: Annotated[str, "iid, dirichlet:ALPHA or shards:K."] = "iid"
     augment: Annotated[Literal["auto", "none", "crop-flip"], "Training augmentation: auto (pad-4 crop + flip for "
                        "colour images up to 64 px, none for grey ones), none or crop-flip."] = "auto"
-    memory_budget: Annotated[tuple[float, ...], "Fraction(s) of the full model's measured training memory; a comma "
-                                                "list splits clients into equal groups."] = (1.0,)
+    memory_budget: Annotated[tuple[float, ...], "Fraction(s) of the full model's measured training memory, or absolute "
+                                                "sizes (8MB, 512KiB; MB = 1e6 B), or devices (each client's device "
+                                                "memory, from --devices); a comma list splits clients into equal "
+                                                "groups."] = (1.0,)
     budget_assignment: Annotated[Literal["fixed", "per-round"], "fixed (equal client groups) or per-round (each "
                                  "client's budget drawn from the list every round)."] = "fixed"
     over_budget: Annotated[Literal["record", "drop"], "A client whose configuration measures above its budget: "
                            "record (it trains; the violation is counted and marked) or drop (it runs out of "
                            "memory: trains and sends nothing that round; counted as dropped)."] = "record"
+    devices: Annotated[str | None, "Device profile, giving each client-round a simulated time: a preset (edge), a "
+                       "CSV file (one row per device class with a share, or one per client) or a spec "
+                       "flops=LOW..HIGH,memory=...,up=...,down=... (see fedbench.devices)."] = None
+    deadline: Annotated[float | None, Range(gt=0, le=1e12), "Seconds of simulated time: a client that would finish "
+                        "its round later is dropped from it (trains, but its update is not used); needs "
+                        "--devices."] = None
     eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
     precision: Annotated[Literal["fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 autocast "
@@ -112,17 +120,29 @@ def from_text(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: parse(known[k], v) if isinstance(v, str) and k in known else v for k, v in flags.items()}
 
 
-def parse_budget(value: Any) -> tuple[float, ...]:
-    """'0.125,0.25' or [0.125, 0.25] or 0.5 -> positive finite floats."""
+def parse_budget(value: Any) -> tuple[float | str, ...]:
+    """'0.125,0.25' or [0.125, 0.25] or 0.5 -> positive finite fractions; '8MB,16MB' -> absolute sizes, kept as
+    their text without spaces ('8MB'); 'devices' (alone) -> each client's device memory."""
+    from fedbench.budget import DEVICES
+    from fedbench.devices import size
+
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        budgets = tuple(float(v) for v in items)
-    except (TypeError, ValueError):
-        budgets = ()
-    if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
-        raise ConfigError("--memory-budget", f"{value!r} is not a positive number or a comma list of them "
-                          "(fractions of the full model's measured training memory, e.g. 0.25 or 0.125,0.25,0.5,1)")
-    return budgets
+    budgets = []
+    for v in items:
+        text = v.replace(" ", "") if isinstance(v, str) else v
+        if isinstance(text, str) and (text == DEVICES or (size(text) or 0) > 0):
+            budgets.append(text)
+            continue
+        try:
+            budgets.append(float(text) if not isinstance(text, bool) else math.nan)
+        except (TypeError, ValueError):
+            budgets.append(math.nan)
+    numbers = [b for b in budgets if not isinstance(b, str)]
+    if not budgets or not all(math.isfinite(b) and b > 0 for b in numbers) or (DEVICES in budgets and len(budgets) > 1):
+        raise ConfigError("--memory-budget", f"{value!r} is not a positive number, size or a comma list of them "
+                          "(fractions of the full model's measured training memory, e.g. 0.25 or 0.125,0.25,0.5,1; "
+                          "sizes, e.g. 8MB,16MB; or devices alone)")
+    return tuple(budgets)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -160,6 +180,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")
     parse_budget(cfg.memory_budget)
+    from_devices = cfg.memory_budget == ("devices",)
+    if cfg.devices is None and (from_devices or cfg.deadline is not None):
+        raise ConfigError("--memory-budget" if from_devices else "--deadline",
+                          "needs --devices (a device profile: a preset, a CSV file or a spec)")
+    if from_devices and cfg.budget_assignment == "per-round":
+        raise ConfigError("--budget-assignment", "per-round draws from a list of budgets; --memory-budget devices "
+                                                 "gives each client its device's memory; allowed here: fixed")
+    if cfg.devices is not None:
+        from fedbench.devices import assign
+        assign(cfg.devices, cfg.clients, cfg.seed)  # raises the ConfigError naming --devices
     parse_partition(cfg.partition)
     method = get_method(cfg.method)
     if cfg.model is not None and cfg.model not in list_models():

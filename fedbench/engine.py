@@ -16,15 +16,16 @@ from functools import partial
 import torch
 
 from fedbench import batched
-from fedbench.budget import client_budgets, draw_budgets
+from fedbench.budget import client_budgets, draw_budgets, fractions
 from fedbench.config import RunConfig, for_dataset, method_options, model_kwargs
 from fedbench.data import Dataset, load_dataset, placeholder
+from fedbench.devices import Device, assign
 from fedbench.distributed import Group
 from fedbench.errors import ConfigError
 from fedbench.method import ClientData, Context, Method
 from fedbench.models import FedModel, create_model
 from fedbench.partition import partition
-from fedbench.plan import Plan, out_of_memory
+from fedbench.plan import OFFLINE, Plan, out_of_memory
 from fedbench.precision import autocast
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
@@ -84,6 +85,7 @@ class Run:
     rows: list[dict] = field(default_factory=list)
     traffic: Traffic | None = None
     group: Group | None = None         # torchrun processes sharing each round's clients (None: this one alone)
+    devices: list[Device] | None = None  # each client's device (--devices): simulated time per client-round
     _submodels: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -111,11 +113,12 @@ class Run:
         return model
 
     def budgets(self, rnd: int) -> list[float]:
-        """Each client's budget in round ``rnd`` (a fraction): its fixed group's, or drawn for the round."""
+        """Each client's budget in round ``rnd`` (a fraction): its fixed group's (its device's under
+        ``--memory-budget devices``: one fraction per client), or drawn for the round."""
         cfg = self.config
         if cfg.budget_assignment == "per-round":
-            return draw_budgets(cfg.memory_budget, cfg.clients, cfg.seed, rnd)
-        return client_budgets(cfg.memory_budget, cfg.clients)
+            return draw_budgets(self.ctx.fractions, cfg.clients, cfg.seed, rnd)
+        return client_budgets(self.ctx.fractions, cfg.clients)
 
     def lr_at(self, rnd: int) -> float:
         cfg = self.config
@@ -166,6 +169,9 @@ class Run:
             clients = self.group.share(clients, [len(self.parts[c]) for c in clients])
         for client in clients:                                                                     # 1. sample
             gen = generator(cfg.seed, "client", rnd, client, device=self.ctx.device)
+            if not self.online(rnd, client):
+                work.append((client, gen, OFFLINE))
+                continue
             plan = self.method.plan(rnd, client, budgets[client], gen)                            # 2. plan
             if cfg.over_budget == "drop" and self.over_budget(plan, client, budgets[client]):
                 plan = out_of_memory(plan)
@@ -207,9 +213,18 @@ class Run:
                 model = self.working(plan)
                 batched.load_state(model, done[0])
                 result = done[1]
-            self.method.add_update(agg, plan, model, data)                                     # 5. aggregate
-            records.append(self.measure(rnd, client, budgets[client], plan, model, result, traffic))  # 6. measure
+            record = self.measure(rnd, client, budgets[client], plan, model, result, traffic)       # 5. measure
+            if not record.get("late"):
+                self.method.add_update(agg, plan, model, data)                                  # 6. aggregate
+            records.append(record)
         return records
+
+    def online(self, rnd: int, client: int) -> bool:
+        """Whether the sampled client's device is online this round (its availability; a seeded draw)."""
+        if self.devices is None or self.devices[client].availability >= 1:
+            return True
+        u = torch.rand((), generator=generator(self.config.seed, "online", rnd, client), dtype=torch.float64)
+        return float(u) < self.devices[client].availability
 
     def over_budget(self, plan: Plan, client: int, budget: float) -> bool:
         """Whether the client's configuration measures above its budget (never for a method that ignores budgets)."""
@@ -235,11 +250,12 @@ class Run:
     def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel | None, result,
                 traffic: "Traffic") -> dict:
         budget_bytes = budget * self.ctx.full_memory
-        if not plan.steps:  # excluded (or dropped, out of memory): no memory used, nothing computed or sent
-            return {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
-                    "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0, "bytes_down": 0,
-                    "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
-                    "dropped": bool(plan.option("out_of_memory"))}
+        if not plan.steps:  # excluded (offline, or dropped: out of memory): no memory used, nothing computed or sent
+            record = {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
+                      "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0,
+                      "bytes_down": 0, "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
+                      "dropped": bool(plan.option("out_of_memory"))}
+            return record | self.timing(client, record, [])
         steps = self.measured(plan, client)
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
@@ -253,7 +269,21 @@ class Run:
         }
         if steps[0].cuda_peak is not None:
             record["cuda_peak_bytes"] = max(m.cuda_peak for m in steps)
-        return record
+        return record | self.timing(client, record, result.samples)
+
+    def timing(self, client: int, record: dict, samples: list[int]) -> dict:
+        """The client-round's simulated seconds on the client's device (none without ``--devices``): compute from
+        its measured FLOPs and mini-batches, communication from its bytes (``fedbench.devices``). Under
+        ``--deadline`` a client that would finish later is late: its update is not used and its upload is cut
+        off (bytes up 0; time_s says when it would have finished)."""
+        if self.devices is None:
+            return {}
+        device, n, batch = self.devices[client], len(self.parts[client]), self.config.batch_size
+        batches = sum((s // n) * -(-n // batch) if n and s % n == 0 else -(-s // batch) for s in samples)
+        compute, comm = device.seconds(record["train_flops"], batches, record["bytes_down"], record["bytes_up"])
+        late = self.config.deadline is not None and compute + comm > self.config.deadline
+        return {"device": device.name, "compute_s": compute, "comm_s": comm, "time_s": compute + comm,
+                "late": late} | ({"bytes_up": 0} if late else {})
 
     def round_row(self, rnd: int, lr: float, records: list[dict], metrics: dict, seconds: float) -> dict:
         n = len(records)
@@ -269,7 +299,17 @@ class Run:
             "violations": sum(not r["within_budget"] for r in records), "clients": n, "trained": len(trained),
             "dropped": sum(r["dropped"] for r in records),
             "wall_s": seconds,
-        }
+        } | self.round_time(records)
+
+    def round_time(self, records: list[dict]) -> dict:
+        """Simulated seconds of a synchronous round (none without ``--devices``): its slowest client's, or the
+        deadline when a client is late; and the cumulative time of the run."""
+        if self.devices is None:
+            return {}
+        late = sum(r["late"] for r in records)
+        seconds = self.config.deadline if late else max((r["time_s"] for r in records if not r["excluded"]), default=0.0)
+        before = self.rows[-1]["sim_time_s"] if self.rows else 0.0
+        return {"late": late, "round_s": seconds, "sim_time_s": before + seconds}
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -309,6 +349,9 @@ class Run:
             "excluded_client_rounds": sampled - sum(r.get("trained", r["clients"]) for r in self.rows),
             "dropped_client_rounds": sum(r.get("dropped", 0) for r in self.rows),
             "over_budget": cfg.over_budget,
+            **({"devices": cfg.devices, "deadline": cfg.deadline,
+                "late_client_rounds": sum(r["late"] for r in self.rows),
+                "simulated_time_s": self.rows[-1]["sim_time_s"] if self.rows else 0.0} if self.devices else {}),
             "train_flops_per_client_round": sum(r["train_flops"] for r in self.rows) / client_rounds,
             "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.rows) / client_rounds,
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.rows) / client_rounds,
@@ -362,7 +405,9 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     method = method_cls(ctx)
     profiler.bind(partial(method.trainer, lr=cfg.lr))
     ctx.full_memory = profiler.memory_of(method.full_plan())
+    devices = assign(cfg.devices, cfg.clients, cfg.seed) if cfg.devices else None
+    ctx.fractions = fractions(cfg.memory_budget, ctx.full_memory, [d.memory for d in devices or ()])
     method.setup()
     for warning in method.warnings(cfg.rounds):
         log.warning("%s: %s", cfg.method, warning)
-    return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group)
+    return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group, devices=devices)

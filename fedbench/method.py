@@ -58,6 +58,8 @@ class Context:
     profiler: "Profiler"
     options: Any                       # the method's ``Options``, filled from the run's settings
     full_memory: int = 0               # bytes: measured peak of the full model under this method
+    fractions: list[float] = field(default_factory=list)  # --memory-budget as fractions of full_memory (per group,
+    #                                                        or per client under --memory-budget devices)
     client_labels: list[torch.Tensor] = field(default_factory=list)  # per client: labels it holds
     group: "Group | None" = None       # processes sharing each round's clients (fedbench.distributed)
 
@@ -169,7 +171,7 @@ class Method:
     @property
     def budgets(self) -> list[float]:
         """Every budget a client can receive (the distinct ``--memory-budget`` fractions), ascending."""
-        return sorted(set(self.config.memory_budget))
+        return sorted(set(self.ctx.fractions))
 
     # --- models -------------------------------------------------------------------------
     @classmethod

@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedbench.budget import label
 from fedbench.config import RUN
+from fedbench.devices import describe as devices_of
 from fedbench.engine import Observer, Run
 from fedbench.errors import ConfigError
 from fedbench.partition import describe
@@ -109,8 +111,10 @@ class RunFiles(Observer):
         cfg = run.config.to_dict() | {"out": str(self.out)}
         write_atomic(self.out / "config.toml", to_toml(cfg))
         if run.start_round == 0:
-            describe(run.parts, run.dataset.train_y.cpu(), run.dataset.num_classes).to_csv(
-                self.out / "partition.csv", index=False)
+            table = describe(run.parts, run.dataset.train_y.cpu(), run.dataset.num_classes)
+            if run.devices is not None:  # which device each client has (seeded)
+                table = table.assign(**devices_of(run.devices))
+            table.to_csv(self.out / "partition.csv", index=False)
         logs = read_logs(self.out) if run.start_round else (None, None)  # checked by checkpoint.restore
         for name, rows in zip(("rounds.csv", "clients.csv"), logs):  # keep only rounds up to the checkpoint
             path = self.out / name
@@ -161,7 +165,7 @@ def summary_table(s: dict) -> Table:
     rows = [
         ("final accuracy", "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"),
         ("evaluation", s["evaluation"]),
-        ("memory budget", ", ".join(f"{b:g}" for b in s["memory_budget"])),
+        ("memory budget", ", ".join(label(b) for b in s["memory_budget"])),
         ("full-model training memory", f"{s['full_model_memory_bytes'] / mb:.2f} MB"),
         ("peak client memory (max)", f"{s['peak_max_bytes'] / mb:.2f} MB"),
         ("client-rounds over budget", "unbudgeted" if s.get("unbudgeted") else str(s["violations"])),
@@ -170,6 +174,10 @@ def summary_table(s: dict) -> Table:
         ("train GFLOPs / client-round", f"{s['train_flops_per_client_round'] / 1e9:.3f}"),
         ("MB down / up per client-round", f"{s['bytes_down_per_client_round'] / mb:.3f} / {s['bytes_up_per_client_round'] / mb:.3f}"),
         ("forward MMACs / sample (fvcore)", f"{s['forward_macs_per_sample'] / 1e6:.2f}"),
+        *([("simulated time (--devices " + s["devices"] + ")",
+            f"{s['simulated_time_s'] / 3600:.3f} h" + (f"; {s['late_client_rounds']} client-rounds late (deadline "
+                                                       f"{s['deadline']:g} s)" if s.get("deadline") else ""))]
+          if s.get("devices") else []),
         ("device, wall time", f"{s['device']}, {s['wall_s']:.1f} s"),
     ]
     if s.get("status") == "diverged":

@@ -149,7 +149,7 @@ def _top_up(owner: np.ndarray, num_clients: int, min_samples: int, rng: np.rando
 def _shards(y: np.ndarray, num_clients: int, k: int, rng: np.random.Generator, min_samples: int) -> np.ndarray:
     total = num_clients * k
     class_sizes = np.bincount(y)
-    per_class = _largest_remainder(class_sizes, total)
+    per_class = largest_remainder(class_sizes, total)
     if np.any(per_class > class_sizes):
         c = int(np.argmax(per_class > class_sizes))
         raise ConfigError(
@@ -174,7 +174,7 @@ def _shards(y: np.ndarray, num_clients: int, k: int, rng: np.random.Generator, m
     return owner
 
 
-def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integers proportional to ``weights`` summing to ``total`` (largest-remainder rounding)."""
     quota = weights * total / weights.sum()
     out = np.floor(quota).astype(np.int64)

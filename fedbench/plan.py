@@ -68,6 +68,7 @@ class Plan:
 
 
 EXCLUDED = Plan(steps=(), label="excluded")  # a client that sits the round out: trains, receives and sends nothing
+OFFLINE = Plan(steps=(), label="offline")    # its device is not available this round (--devices availability)
 
 
 def out_of_memory(plan: Plan) -> Plan:

@@ -1,8 +1,9 @@
 """PNG plots of a comparison (matplotlib Figure, Agg): readable without the tables.
 
 - accuracy vs memory budget: one line per method, error bars = std over seeds, over-budget points ringed;
-- accuracy vs round and accuracy vs cumulative MB communicated: one panel per budget, one line per
-  method (mean over seeds). Self-supervised methods (linear-probe accuracy) are drawn dashed.
+- accuracy vs round, vs cumulative MB communicated and (runs with ``--devices``) vs simulated time: one panel
+  per budget, one line per method (mean over seeds). Self-supervised methods (linear-probe accuracy) are drawn
+  dashed.
 """
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ def write_plots(comp: Comparison, folder: Path) -> list[Path]:
     paths = [folder / "accuracy_vs_budget.png", folder / "accuracy_vs_round.png", folder / "accuracy_vs_mb.png"]
     accuracy_vs_budget(cells, colors).savefig(paths[0], dpi=120, bbox_inches="tight")
     curves = curves.dropna(subset=["accuracy"])
-    for path, x, label in ((paths[1], "round", "communication round"),
-                           (paths[2], "cum_MB", "cumulative MB communicated (down + up, all clients)")):
-        accuracy_vs(curves, x, label, colors).savefig(path, dpi=120, bbox_inches="tight")
+    axes = [(paths[1], "round", "communication round"),
+            (paths[2], "cum_MB", "cumulative MB communicated (down + up, all clients)")]
+    if curves["sim_h"].notna().any():  # runs with --devices
+        paths.append(folder / "accuracy_vs_time.png")
+        axes.append((paths[3], "sim_h", "simulated time (hours, --devices time model)"))
+    for path, x, label in axes:
+        accuracy_vs(curves.dropna(subset=[x]), x, label, colors).savefig(path, dpi=120, bbox_inches="tight")
     return paths
 
 

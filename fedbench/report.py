@@ -11,8 +11,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.budget import budget_order
+from fedbench.budget import DEVICES, budget_order, label
 from fedbench.config import EXECUTION, FIELDS, load_toml
+from fedbench.devices import size
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
 from fedbench.observers import Inconsistent, check_rounds, read_logs
@@ -83,7 +84,7 @@ SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
                "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
-               "settings", "path"]
+               "sim_s", "target_s", "best_accuracy", "left_out", "settings", "path"]
 
 
 @dataclass
@@ -91,19 +92,23 @@ class Comparison:
     """Rows built once from run folders; every table, CSV, Markdown file and plot renders these."""
 
     runs: pd.DataFrame    # one per run folder: status ok | infeasible | failed | incomplete | corrupt, problem, measurements
-    curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up
-    cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs
+    curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up, simulated hours
+    cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs, simulated time
+    target: float | None = None  # --target-accuracy of the time-to-accuracy table
 
 
-def compare_runs(root: str | Path) -> Comparison:
-    """Read every run folder under ``root`` (recursively); raises ConfigError if there is none."""
+def compare_runs(root: str | Path, target: float | None = None) -> Comparison:
+    """Read every run folder under ``root`` (recursively); raises ConfigError if there is none. ``target``: the
+    accuracy whose first simulated time (runs with ``--devices``) the time-to-accuracy table shows."""
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError("--target-accuracy", f"{target!r} not allowed; allowed: a number in (0, 1]")
     root = Path(root)
     folders = sorted({p.parent for name in RUN_MARKERS for p in root.rglob(name)}) if root.is_dir() else []
     if not folders:
         raise ConfigError("DIR", f"no fedbench run folders (config.toml, summary.json) under {root}")
     rows, curves = [], []
     for folder in folders:
-        row, curve = read_run(folder)
+        row, curve = read_run(folder, target)
         row["folder"] = folder.relative_to(root).as_posix()
         rows.append(row)
         if curve is not None:
@@ -111,8 +116,8 @@ def compare_runs(root: str | Path) -> Comparison:
     runs = label_rows(pd.DataFrame(rows, columns=RUN_COLUMNS))
     keys = runs[["folder", "model", "row", "budget", "supervised"]]
     curves = (pd.concat(curves).merge(keys, on="folder") if curves
-              else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB"]))
-    return Comparison(runs, curves, cell_stats(runs))
+              else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB", "sim_h"]))
+    return Comparison(runs, curves, cell_stats(runs), target)
 
 
 def run_status(folder: Path) -> str:
@@ -121,7 +126,7 @@ def run_status(folder: Path) -> str:
     return read_run(Path(folder))[0]["status"]
 
 
-def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
+def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFrame | None]:
     """One run folder -> (its row, its per-round curve or None when it is not a finished, consistent run)."""
     row: dict = {"path": str(folder.resolve())}
     try:
@@ -130,8 +135,8 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
             raise Inconsistent(f"config.toml method {config.get('method')!r} is not a method name")
         budget = budget_of(config)
         row |= {"method": config.get("method"), "model": str(config.get("model", "?")),
-                "dataset": str(config.get("dataset", "?")), "seed": config.get("seed"), "budget": "+".join(f"{b:g}" for b in budget),
-                "budget_value": budget[0] if len(budget) == 1 else float("nan"),
+                "dataset": str(config.get("dataset", "?")), "seed": config.get("seed"), "budget": "+".join(map(label, budget)),
+                "budget_value": budget[0] if len(budget) == 1 and not isinstance(budget[0], str) else float("nan"),
                 "settings": {k: v for k, v in config.items() if k not in NOT_SETTINGS}}
         if not (folder / "summary.json").exists():
             return row | unfinished(folder, config), None
@@ -141,6 +146,11 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
     except Inconsistent as e:
         return row | {"status": "corrupt", "problem": str(e)}, None
     mb = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / MB
+    sim = rounds["sim_time_s"] if "sim_time_s" in rounds else pd.Series(float("nan"), index=rounds.index)
+    reached = rounds.loc[rounds["accuracy"] >= target, "sim_time_s"] if target is not None and "sim_time_s" in rounds else ()
+    out = clients.get("excluded", False) | clients.get("dropped", False) | clients.get("late", False)
+    if len(budget) == 1 and budget[0] != DEVICES:  # an absolute size as the fraction it was (one for all clients)
+        row["budget_value"] = float(clients["budget"].iloc[0])
     return row | {
         "status": "ok", "problem": "", "rounds": summary["rounds"], "final_accuracy": summary["final_accuracy"],
         "evaluation": summary.get("evaluation", ""), "violations": summary["violations"],
@@ -152,14 +162,19 @@ def read_run(folder: Path) -> tuple[dict, pd.DataFrame | None]:
         "wall_s": summary.get("wall_s"), "diverged": summary.get("diverged_round"),
         "unbudgeted": summary.get("unbudgeted") is True,
         "warnings": " | ".join(str(w) for w in summary.get("warnings") or []),
-    }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb})
+        "sim_s": float(sim.iloc[-1]), "target_s": float(reached.iloc[0]) if len(reached) else float("nan"),
+        "best_accuracy": summary.get("best_accuracy"),
+        "left_out": clients.loc[out, "client"].nunique() / clients["client"].nunique(),  # of the clients sampled
+    }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_h": sim / 3600})
 
 
-def budget_of(config: dict) -> list[float]:
+def budget_of(config: dict) -> tuple[float | str, ...]:
+    from fedbench.config import parse_budget
+
     try:
-        return [float(b) for b in config.get("memory_budget", [1.0])]
-    except (TypeError, ValueError):
-        raise Inconsistent(f"config.toml memory-budget {config.get('memory_budget')!r} is not a list of numbers") from None
+        return parse_budget(config.get("memory_budget", [1.0]))
+    except ConfigError:
+        raise Inconsistent(f"config.toml memory-budget {config.get('memory_budget')!r} is not a list of budgets") from None
 
 
 def read_json_or_toml(path: Path) -> dict:
@@ -252,7 +267,8 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
         accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
-        dropped=("dropped", "max")).reset_index()
+        dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
+        reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"), left_out=("left_out", "mean")).reset_index()
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
                              ascending=[False, True, True, True, True], ignore_index=True)
 
@@ -307,24 +323,57 @@ TABLES = {  # file stem: (title, cell text, which rows: True supervised, False s
 }
 
 
+def duration(seconds: float) -> str:
+    """Simulated seconds as s, min or h."""
+    return f"{seconds:.3g} s" if seconds < 60 else f"{seconds / 60:.3g} min" if seconds < 3600 else f"{seconds / 3600:.3g} h"
+
+
+def fmt_time_to(c) -> str:
+    """Simulated time until the first evaluation at or above the target, mean over the seeds that reached it."""
+    if c.seeds == 0:
+        return infeasible(c) or "-"
+    if c.reached == 0:
+        return f"not reached (best {c.best_accuracy:.4f})"
+    return duration(c.target_s) + (f" ({c.reached}/{c.seeds} seeds)" if c.reached < c.seeds else "") + marks(c)
+
+
+def time_tables(comp: Comparison) -> dict[str, tuple[str, object, None]]:
+    """The simulated-time tables, for comparisons whose runs had --devices (time-to-accuracy with a target)."""
+    if not comp.cells["sim_s"].notna().any():
+        return {}
+    out = {}
+    if comp.target is not None:
+        out["time_to_accuracy"] = (f"Simulated time to reach {comp.target:g} test accuracy (first evaluation at or "
+                                   "above it; mean over the seeds that reached it; --devices time model)", fmt_time_to, None)
+    out["simulated_time"] = ("Simulated time of the whole run (sum of round times: slowest client, or the deadline)",
+                             lambda c: "-" if c.seeds == 0 else duration(c.sim_s), None)
+    out["left_out"] = ("Share of the sampled clients ever left out of a round: excluded by the method, offline, out "
+                       "of memory (--over-budget drop) or late (--deadline); mean over seeds",
+                       lambda c: "-" if c.seeds == 0 else f"{c.left_out:.0%}", None)
+    return out
+
+
 def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
     """Rows = methods (and settings that vary), columns = memory budgets; one set of tables per model (budgets
     are fractions of that model's full training memory, so no table holds two models); only tables with rows.
-    File stems get a ``-MODEL`` suffix when the comparison holds more than one model."""
+    File stems get a ``-MODEL`` suffix when the comparison holds more than one model. An absolute budget's
+    column shows the fraction it was (``8MB (= 0.194)``)."""
     out = {}
     budgets = budget_order(comp.cells["budget"])
     models = list(comp.cells["model"].unique())
     for model in models:
         of_model = comp.cells[comp.cells["model"] == model]
         data = ", ".join(sorted(set(of_model["dataset"])))
-        for name, (title, text, kind) in TABLES.items():
+        fraction = of_model.dropna(subset=["budget_value"]).groupby("budget")["budget_value"].first()
+        header = {b: f"{b} (= {fraction[b]:.3g})" if size(b) is not None and b in fraction else b for b in budgets}
+        for name, (title, text, kind) in (TABLES | time_tables(comp)).items():
             cells = of_model if kind is None else of_model[of_model["supervised"] == kind]
             if cells.empty:
                 continue
             table = (cells.assign(text=[text(c) for c in cells.itertuples()])
                      .pivot(index="row", columns="budget", values="text")
                      .reindex(index=cells["row"].unique(), columns=[b for b in budgets if b in set(cells["budget"])])
-                     .fillna("-"))
+                     .fillna("-").rename(columns=header))
             table.index.name, table.columns.name = "method", None
             out[name if len(models) == 1 else f"{name}-{model}"] = (f"{title}; {model} on {data}", table)
     return out

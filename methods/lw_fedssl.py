@@ -92,7 +92,7 @@ class LayerWise(SSLMethod):
     def with_totals(self, rows: list[tuple[dict, Plan]]) -> list[tuple[dict, Plan]]:
         """Append the whole-schedule ratios to end-to-end to the last row's note."""
         r = self.accounting()
-        who = f" (client 0, budget {self.config.memory_budget[0]:g})" if self.budgeted else ""
+        who = f" (client 0, budget {self.ctx.fractions[0]:g})" if self.budgeted else ""
         rows[-1][0]["note"] += (f"; schedule{who} / end-to-end: FLOPs {r['flops']:.3f} measured, {r['paper_flops']:.3f} "
                                 f"paper convention; bytes {r['bytes_stateful']:.3f} stateful, "
                                 f"{r['bytes_stateless']:.3f} stateless clients")
@@ -100,13 +100,13 @@ class LayerWise(SSLMethod):
 
     def accounting(self) -> dict[str, float]:
         """Totals over all rounds for one client taking part in every round (client 0's plans, at its fixed
-        budget ``memory_budget[0]``), / end-to-end.
+        budget, ``fractions[0]``), / end-to-end.
 
         FLOPs per sample and local epoch summed over rounds (the paper's GFLOPs, §2.4); bytes down +
         up per round as the engine counts them (stateful: a tensor is re-sent only after it changed).
         """
         cfg, device = self.config, self.ctx.device
-        budget = cfg.memory_budget[0]
+        budget = self.ctx.fractions[0]
         ours = [self.plan(r, 0, budget, generator(cfg.seed, "client", r, 0, device=device)) for r in range(cfg.rounds)]
         mine, full = self._totals(ours), self._totals([self.full_plan()] * cfg.rounds)
         return {k: mine[k] / full[k] for k in mine}

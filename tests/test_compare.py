@@ -190,7 +190,7 @@ def test_check_fails_on_a_violation_and_records_a_failed_cell(tmp_path, monkeypa
     failures = [line for line in result.stderr.splitlines() if line.startswith("check failed")]
     assert len(failures) == 2
     assert failures[0].startswith("check failed: over-budget/b0.001/s0: 2 client-rounds over budget (peak / budget up to 10")
-    assert failures[1].startswith("check failed: small/b0.001/s0: infeasible: --memory-budget: 0.001 is below the "
+    assert failures[1].startswith("check failed: small/b0.001/s0: infeasible: --memory-budget: 0.001 (0.0264 MB) is below the "
                                   "smallest")
     assert "small" in json.loads((out / "small/b0.001/s0/failed.json").read_text())["error"]
     accuracy = pd.read_csv(out / "report/accuracy.csv", index_col="method", dtype=str)

@@ -26,7 +26,8 @@ def test_cli_options_are_derived_from_the_declarations():
     methods = {name for m in list_methods() for name in specs(m.Options)}
     assert methods and methods <= set(option_specs())
     own = {"run": {"resume", "overwrite", "processes", "config"}, "profile": {"config", "csv"},
-           "compare": {"methods", "memory_budget", "seeds", "out", "jobs", "preset", "check", "config"}}
+           "compare": {"methods", "memory_budget", "seeds", "out", "jobs", "preset", "check", "target_accuracy",
+                       "config"}}
     for command, settings in ((cli.run, set(RUN)), (cli.profile, set(cli.PROFILE_SETTINGS)),
                               (cli.compare, set(cli.COMPARE_SETTINGS))):
         options = options_of(command)

@@ -30,10 +30,11 @@ def test_same_seed_same_rounds_and_different_seed_differs():
     assert timing_free(other.rows) != timing_free(first.rows)
 
 
-def test_resume_matches_uninterrupted_run_row_for_row(tmp_path):
-    whole = small_run(rounds=4)
+@pytest.mark.parametrize("settings", [{}, {"devices": "edge", "deadline": 2.0}])  # simulated time accumulates on
+def test_resume_matches_uninterrupted_run_row_for_row(tmp_path, settings):
+    whole = small_run(rounds=4, **settings)
     whole.execute([RunFiles(tmp_path / "whole")])
-    part = small_run(rounds=4)
+    part = small_run(rounds=4, **settings)
     folder = tmp_path / "part"
 
     class Stop(Observer):  # interrupted after round 2, checkpointed every round
@@ -43,7 +44,7 @@ def test_resume_matches_uninterrupted_run_row_for_row(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         part.execute([RunFiles(folder), Checkpointer(folder, every=1), Stop()])
-    resumed = small_run(rounds=4)
+    resumed = small_run(rounds=4, **settings)
     restore(resumed, folder)
     assert resumed.start_round == 2
     resumed.execute([RunFiles(folder), Checkpointer(folder, every=1)])
