@@ -35,9 +35,12 @@ def write_plots(comp: Comparison, folder: Path) -> list[Path]:
     curves = curves.dropna(subset=["accuracy"])
     axes = [(paths[1], "round", "communication round"),
             (paths[2], "cum_MB", "cumulative MB communicated (down + up, all clients)")]
-    if curves["sim_h"].notna().any():  # runs with --devices
+    if curves["sim_s"].notna().any():  # runs with --devices: simulated time in s, min or h
+        last = curves["sim_s"].max()
+        unit, scale = ("s", 1) if last < 120 else ("min", 60) if last < 7200 else ("h", 3600)
+        curves = curves.assign(sim=curves["sim_s"] / scale)
         paths.append(folder / "accuracy_vs_time.png")
-        axes.append((paths[3], "sim_h", "simulated time (hours, --devices time model)"))
+        axes.append((paths[3], "sim", f"simulated time ({unit}, --devices time model)"))
     for path, x, label in axes:
         accuracy_vs(curves.dropna(subset=[x]), x, label, colors).savefig(path, dpi=120, bbox_inches="tight")
     return paths

@@ -92,7 +92,7 @@ class Comparison:
     """Rows built once from run folders; every table, CSV, Markdown file and plot renders these."""
 
     runs: pd.DataFrame    # one per run folder: status ok | infeasible | failed | incomplete | corrupt, problem, measurements
-    curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up, simulated hours
+    curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up, simulated seconds
     cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs, simulated time
     target: float | None = None  # --target-accuracy of the time-to-accuracy table
 
@@ -116,7 +116,7 @@ def compare_runs(root: str | Path, target: float | None = None) -> Comparison:
     runs = label_rows(pd.DataFrame(rows, columns=RUN_COLUMNS))
     keys = runs[["folder", "model", "row", "budget", "supervised"]]
     curves = (pd.concat(curves).merge(keys, on="folder") if curves
-              else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB", "sim_h"]))
+              else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB", "sim_s"]))
     return Comparison(runs, curves, cell_stats(runs), target)
 
 
@@ -165,7 +165,7 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
         "sim_s": float(sim.iloc[-1]), "target_s": float(reached.iloc[0]) if len(reached) else float("nan"),
         "best_accuracy": summary.get("best_accuracy"),
         "left_out": clients.loc[out, "client"].nunique() / clients["client"].nunique(),  # of the clients sampled
-    }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_h": sim / 3600})
+    }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_s": sim})
 
 
 def budget_of(config: dict) -> tuple[float | str, ...]:
@@ -229,7 +229,8 @@ def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.Da
 
 def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Row label = method, plus the settings that differ between that method's runs (never averaged over)
-    and the run settings (RunConfig fields) where the run differs from the most common value of all runs."""
+    and the run settings (RunConfig fields) where the run differs from the most common value of all runs; a
+    setting the run leaves unset (e.g. no --deadline) adds nothing."""
     def supervised(method, evaluation) -> bool:
         try:
             return get_method(method).supervised
@@ -247,7 +248,8 @@ def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
         others = [s for m, s in zip(runs["method"], runs["settings"]) if m == method and isinstance(s, dict)]
         varying = {k for k in {k for s in others for k in s} - {"model"} if len({repr(s.get(k)) for s in others}) > 1}
         unusual = {k for k in common if repr(settings.get(k)) != common[k]}
-        labels.append(method + "".join(f" {k.replace('_', '-')}={settings.get(k)}" for k in sorted(varying | unusual)))
+        labels.append(method + "".join(f" {k.replace('_', '-')}={settings[k]}" for k in sorted(varying | unusual)
+                                       if settings.get(k) is not None))  # a setting not given: the plain row
     return runs.assign(row=labels, supervised=[supervised(m, e) for m, e in zip(runs["method"], runs["evaluation"])])
 
 
