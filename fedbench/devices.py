@@ -135,7 +135,7 @@ def assign(profile: str, clients: int, seed: int) -> list[Device]:
 def per_client(rows: list[dict[str, str]], clients: int, where: str) -> list[Device]:
     try:
         ids = [int(r["client"]) for r in rows]
-    except ValueError:
+    except (TypeError, ValueError):  # a missing (None) or non-integer id
         raise ConfigError(FLAG, f"{where}: client ids must be integers") from None
     if sorted(ids) != list(range(clients)):
         raise ConfigError(FLAG, f"{where} lists {len(ids)} clients; allowed: each of clients 0..{clients - 1} once "
