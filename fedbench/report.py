@@ -148,7 +148,10 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
     mb = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / MB
     sim = rounds["sim_time_s"] if "sim_time_s" in rounds else pd.Series(float("nan"), index=rounds.index)
     reached = rounds.loc[rounds["accuracy"] >= target, "sim_time_s"] if target is not None and "sim_time_s" in rounds else ()
-    out = clients.get("excluded", False) | clients.get("dropped", False) | clients.get("late", False)
+    out = pd.Series(False, index=clients.index)  # left out of a round: excluded, offline, dropped or late
+    for column in ("excluded", "dropped", "late"):   # (older runs lack the later columns)
+        if column in clients:
+            out |= clients[column].astype(bool)
     if len(budget) == 1 and budget[0] != DEVICES:  # an absolute size as the fraction it was (one for all clients)
         row["budget_value"] = float(clients["budget"].iloc[0])
     return row | {
