@@ -61,6 +61,9 @@ class RunConfig:
                         "its round later is dropped from it (trains, but its update is not used); needs "
                         "--devices."] = None
     eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
+    eval_initial: Annotated[bool, "Also evaluate the initial global model, before round 1: the untrained baseline "
+                            "(a random encoder under a linear probe); summary.json initial_accuracy, shown in the "
+                            "tables as (untrained X)."] = False
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
     precision: Annotated[Literal["fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 autocast "
                          "(activations in bfloat16, weights and updates in float32; measured as run)."] = "fp32"

@@ -86,6 +86,7 @@ class Run:
     traffic: Traffic | None = None
     group: Group | None = None         # torchrun processes sharing each round's clients (None: this one alone)
     devices: list[Device] | None = None  # each client's device (--devices): simulated time per client-round
+    initial: dict = field(default_factory=dict)  # --eval-initial: the evaluation of the initial global model
     _submodels: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,9 @@ class Run:
     def execute(self, observers: list[Observer] = ()) -> dict:
         cfg = self.config
         traffic = self.traffic
+        if cfg.eval_initial and self.start_round == 0:  # as round 1's evaluation would see it, before any training
+            with autocast(cfg.precision, self.ctx.device):
+                self.initial = self.method.evaluate(self.model, 0)
         for o in observers:
             o.on_start(self)
         for rnd in range(self.start_round, cfg.rounds):
@@ -315,7 +319,7 @@ class Run:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: global weights, method state, byte accounting."""
         return {"round": self.completed, "model": self.model.state_dict(), "method": self.method.state_dict(),
-                "traffic": self.traffic.state_dict()}
+                "traffic": self.traffic.state_dict(), "initial": self.initial}
 
     @property
     def completed(self) -> int:
@@ -326,6 +330,7 @@ class Run:
         self.method.load_state_dict(state["method"])
         self.traffic.load_state_dict(state["traffic"])
         self.start_round = state["round"]
+        self.initial = state.get("initial", {})
         self.rows = [r for r in rows if r["round"] <= self.start_round]
 
     def summary(self) -> dict:
@@ -340,6 +345,7 @@ class Run:
             "status": "diverged" if stopped else "ok", "diverged_round": stopped,
             "unbudgeted": unbudgeted(type(self.method)),
             "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+            **({"initial_accuracy": self.initial["accuracy"]} if self.initial else {}),
             "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
             "evaluation": self.method.describe_eval(),
             "notes": self.method.notes(len(self.rows)), "warnings": self.method.warnings(len(self.rows)),

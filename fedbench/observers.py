@@ -164,6 +164,8 @@ def summary_table(s: dict) -> Table:
     table = Table(title=f"{s['method']} on {s['dataset']} ({s['model']}), {s['rounds']} rounds", show_header=False)
     rows = [
         ("final accuracy", "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"),
+        *([("initial model (untrained), same evaluation", f"{s['initial_accuracy']:.4f}")]
+          if "initial_accuracy" in s else []),
         ("evaluation", s["evaluation"]),
         ("memory budget", ", ".join(label(b) for b in s["memory_budget"])),
         ("full-model training memory", f"{s['full_model_memory_bytes'] / mb:.2f} MB"),

@@ -84,7 +84,7 @@ SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
                "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
-               "sim_s", "target_s", "best_accuracy", "left_out", "settings", "path"]
+               "sim_s", "target_s", "best_accuracy", "initial_accuracy", "left_out", "settings", "path"]
 
 
 @dataclass
@@ -167,6 +167,7 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
         "warnings": " | ".join(str(w) for w in summary.get("warnings") or []),
         "sim_s": float(sim.iloc[-1]), "target_s": float(reached.iloc[0]) if len(reached) else float("nan"),
         "best_accuracy": summary.get("best_accuracy"),
+        "initial_accuracy": summary.get("initial_accuracy", float("nan")),  # --eval-initial
         "left_out": clients.loc[out, "client"].nunique() / clients["client"].nunique(),  # of the clients sampled
     }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_s": sim})
 
@@ -273,7 +274,8 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
         dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
-        reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"), left_out=("left_out", "mean")).reset_index()
+        reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"),
+        initial_accuracy=("initial_accuracy", "mean"), left_out=("left_out", "mean")).reset_index()
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
                              ascending=[False, True, True, True, True], ignore_index=True)
 
@@ -292,14 +294,16 @@ def marks(c) -> str:
 def fmt_accuracy(c) -> str:
     """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; infeasible (floor X): the
     budget is below the method's measured floor on this model; failed; - (none finished); diverged (training
-    stopped at a NaN/inf loss; (diverged/finished) when not every seed did)."""
+    stopped at a NaN/inf loss; (diverged/finished) when not every seed did); (untrained X): the same evaluation
+    of the initial model (--eval-initial), mean over seeds."""
     if c.seeds == 0:
         return infeasible(c) or ("failed" if c.failed else "-")
     if c.diverged:
         return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
     part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
-    return f"{c.accuracy_mean:.4f}{spread}{part}{marks(c)}"
+    untrained = f" (untrained {c.initial_accuracy:.4f})" if pd.notna(c.initial_accuracy) else ""
+    return f"{c.accuracy_mean:.4f}{spread}{part}{untrained}{marks(c)}"
 
 
 def infeasible(c) -> str:

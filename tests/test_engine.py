@@ -30,10 +30,10 @@ def test_same_seed_same_rounds_and_different_seed_differs():
     assert timing_free(other.rows) != timing_free(first.rows)
 
 
-@pytest.mark.parametrize("settings", [{}, {"devices": "edge", "deadline": 2.0}])  # simulated time accumulates on
-def test_resume_matches_uninterrupted_run_row_for_row(tmp_path, settings):
-    whole = small_run(rounds=4, **settings)
-    whole.execute([RunFiles(tmp_path / "whole")])
+@pytest.mark.parametrize("settings", [{}, {"devices": "edge", "deadline": 2.0}, {"eval_initial": True}])
+def test_resume_matches_uninterrupted_run_row_for_row(tmp_path, settings):  # the simulated clock and the
+    whole = small_run(rounds=4, **settings)                                 # initial evaluation carry on too
+    expected = whole.execute([RunFiles(tmp_path / "whole")])
     part = small_run(rounds=4, **settings)
     folder = tmp_path / "part"
 
@@ -47,10 +47,26 @@ def test_resume_matches_uninterrupted_run_row_for_row(tmp_path, settings):
     resumed = small_run(rounds=4, **settings)
     restore(resumed, folder)
     assert resumed.start_round == 2
-    resumed.execute([RunFiles(folder), Checkpointer(folder, every=1)])
+    summary = resumed.execute([RunFiles(folder), Checkpointer(folder, every=1)])
     a = pd.read_csv(tmp_path / "whole" / "rounds.csv").drop(columns="wall_s")
     b = pd.read_csv(folder / "rounds.csv").drop(columns="wall_s")
     pd.testing.assert_frame_equal(a, b)
+    assert summary.get("initial_accuracy") == expected.get("initial_accuracy")
+
+
+def test_eval_initial_evaluates_the_untrained_model_and_changes_nothing_else(tmp_path):
+    plain, probed = small_run(rounds=2), small_run(rounds=2, eval_initial=True)
+    untrained = probed.method.evaluate(probed.model, 0)["accuracy"]
+    assert "initial_accuracy" not in plain.execute()
+    assert probed.execute()["initial_accuracy"] == untrained < 0.3  # 10 classes: near chance before training
+    assert timing_free(plain.rows) == timing_free(probed.rows)
+    out = tmp_path / "run"
+    ran = CliRunner().invoke(app, ["run", "--model", "fedavg-cnn", "--rounds", "1", "--clients", "10",
+                                   "--clients-per-round", "2", "--eval-initial", "--out", str(out), "--quiet"])
+    assert ran.exit_code == 0, ran.output
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    cell = pd.read_csv(out / "report" / "accuracy.csv")["1"].iloc[0]
+    assert f"(untrained {pd.read_json(out / 'summary.json', typ='series')['initial_accuracy']:.4f})" in cell
 
 
 def test_fedavg_records_budget_violations_of_constrained_clients():
