@@ -78,7 +78,7 @@ def fmt(v) -> str:
 
 # --- comparison of finished runs (fedbench compare / report) ------------------------------------
 RUN_MARKERS = ("config.toml", "summary.json", "rounds.csv", "failed.json")
-NOT_SETTINGS = {"method", "seed", "memory_budget"} | EXECUTION
+NOT_SETTINGS = {"method", "seed", "memory_budget", "eval_initial"} | EXECUTION  # eval_initial: the same training
 SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "violations", "peak_max_bytes",
                 "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
 CELL_KEYS = ["model", "row", "supervised", "budget"]
