@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedbench.budget import DEVICES, budget_order, label
-from fedbench.config import EXECUTION, FIELDS, load_toml
+from fedbench.config import EXECUTION, FIELDS, RunConfig, load_toml
 from fedbench.devices import size
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
@@ -234,13 +234,16 @@ def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.Da
 def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Row label = method, plus the settings that differ between that method's runs (never averaged over)
     and the run settings (RunConfig fields) where the run differs from the most common value of all runs; a
-    setting the run leaves unset (e.g. no --deadline) adds nothing."""
+    setting the run leaves unset (e.g. no --deadline) adds nothing, and one its config.toml lacks (written
+    before the setting existed) counts as its default."""
     def supervised(method, evaluation) -> bool:
         try:
             return get_method(method).supervised
         except ConfigError:  # a method not registered here: judge by what its summary says
             return "linear-probe" not in str(evaluation)
 
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name in FIELDS - NOT_SETTINGS - {"model"}}
+    runs = runs.assign(settings=[defaults | s if isinstance(s, dict) else s for s in runs["settings"]])
     known = [s for s in runs["settings"] if isinstance(s, dict)]
     common = {k: Counter(repr(s.get(k)) for s in known).most_common(1)[0][0]
               for k in FIELDS - NOT_SETTINGS - {"model"} if known}  # each model has tables of its own

@@ -1,6 +1,8 @@
 """The round loop on real data: learning, determinism, exact resume, budgets recorded per client-round."""
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -67,6 +69,19 @@ def test_eval_initial_evaluates_the_untrained_model_and_changes_nothing_else(tmp
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
     cell = pd.read_csv(out / "report" / "accuracy.csv")["1"].iloc[0]
     assert f"(untrained {pd.read_json(out / 'summary.json', typ='series')['initial_accuracy']:.4f})" in cell
+
+
+def test_report_rows_read_a_setting_an_older_config_lacks_as_its_default(tmp_path):
+    ran = CliRunner().invoke(app, ["run", "--model", "fedavg-cnn", "--rounds", "1", "--clients", "10",
+                                   "--clients-per-round", "2", "--out", str(tmp_path / "new"), "--quiet"])
+    assert ran.exit_code == 0, ran.output
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    lines = (old / "config.toml").read_text().splitlines()
+    (old / "config.toml").write_text("\n".join(l for l in lines if not l.startswith("over-budget")) + "\n")
+    assert CliRunner().invoke(app, ["report", str(tmp_path)]).exit_code == 0
+    rows = pd.read_csv(tmp_path / "report" / "runs.csv")["row"]
+    assert list(rows) == ["fedavg", "fedavg"]  # not "fedavg over-budget=record" beside the older run
 
 
 def test_fedavg_records_budget_violations_of_constrained_clients():
