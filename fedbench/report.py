@@ -242,11 +242,11 @@ def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
         except ConfigError:  # a method not registered here: judge by what its summary says
             return "linear-probe" not in str(evaluation)
 
-    defaults = {f.name: f.default for f in fields(RunConfig) if f.name in FIELDS - NOT_SETTINGS - {"model"}}
+    defaults = {f.name: f.default for f in fields(RunConfig)  # each model has tables of its own
+                if f.name in FIELDS - NOT_SETTINGS - {"model"}}
     runs = runs.assign(settings=[defaults | s if isinstance(s, dict) else s for s in runs["settings"]])
     known = [s for s in runs["settings"] if isinstance(s, dict)]
-    common = {k: Counter(repr(s.get(k)) for s in known).most_common(1)[0][0]
-              for k in FIELDS - NOT_SETTINGS - {"model"} if known}  # each model has tables of its own
+    common = {k: Counter(repr(s.get(k)) for s in known).most_common(1)[0][0] for k in defaults if known}
     labels = []
     for method, settings in zip(runs["method"], runs["settings"]):
         if not isinstance(settings, dict):
