@@ -2,6 +2,10 @@
 
 Each global element becomes the weighted mean over the clients that held it this round;
 elements no client held keep their value. With full plans this is exactly FedAvg.
+
+Sums and weights accumulate in float64: a weighted float32 value is exact there, and so, in practice,
+is the sum of a round's few clients, so the result does not depend on the order in which clients
+(or the processes of ``--processes``/torchrun) add up; one rounding to float32 at the end.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import torch
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan
 from fedbench.submodel import group_indices, mesh
+
+ACCUMULATE = torch.float64
 
 
 class MaskedMean:
@@ -34,10 +40,11 @@ class MaskedMean:
         idx = group_indices(plan, next(iter(self.params.values())).device)
         for name, u in update.items():
             g = self.params[name]
+            u = u.to(ACCUMULATE)
             w = torch.full_like(u, weight) if masks is None or name not in masks else weight * masks[name].to(u)
             if name not in self.sum:
-                self.sum[name] = torch.zeros_like(g)
-                self.weight[name] = torch.zeros_like(g)
+                self.sum[name] = torch.zeros_like(g, dtype=ACCUMULATE)
+                self.weight[name] = torch.zeros_like(g, dtype=ACCUMULATE)
             ix = mesh(self.dims.get(name, ()), g.shape, idx)
             if ix is None:
                 self.sum[name] += w * u
@@ -55,8 +62,8 @@ class MaskedMean:
         names = list(self.params)
         for n in names:
             if n not in self.sum:
-                self.sum[n] = torch.zeros_like(self.params[n])
-                self.weight[n] = torch.zeros_like(self.params[n])
+                self.sum[n] = torch.zeros_like(self.params[n], dtype=ACCUMULATE)
+                self.weight[n] = torch.zeros_like(self.params[n], dtype=ACCUMULATE)
         parts = [t for n in names for t in (self.sum[n], self.weight[n])]
         flat = torch.cat([t.detach().flatten() for t in parts])
         reduce(flat)
@@ -68,7 +75,8 @@ class MaskedMean:
 
     def result(self) -> dict[str, torch.Tensor]:
         """New values of every tensor any client sent; held-by-none elements keep their value."""
-        return {n: torch.where(self.weight[n] > 0, self.sum[n] / self.weight[n].clamp_min(1e-12), self.params[n].detach())
+        return {n: torch.where(self.weight[n] > 0, self.sum[n] / self.weight[n].clamp_min(1e-12),
+                               self.params[n].detach().to(ACCUMULATE)).to(self.params[n].dtype)
                 for n in self.sum}
 
     def apply(self) -> list[str]:

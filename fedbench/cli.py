@@ -2,8 +2,8 @@
 
 The options of ``run``, ``compare`` and ``profile`` are derived from the settings' declarations
 (``fedbench.config``, each method's ``Options``, each model's keywords), never restated here.
-Exit codes: 0 done, 1 a sweep with failed cells (``compare``), 2 bad input (one line, nothing
-written), 3 training diverged (``run``), 130 interrupted.
+Exit codes: 0 done, 1 a sweep with failed cells (``compare``) or a dead worker process (``run``), 2 bad
+input (one line, nothing written), 3 training diverged (``run``), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -169,19 +169,20 @@ Target = Annotated[Optional[float], typer.Option(help="Accuracy whose simulated 
 @boundary
 @settings_of(*RUN)
 def run(ctx: typer.Context,
-        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added); a finished run is refused (exit code 2).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (its files are removed first).")] = False,
         processes: Annotated[str, typer.Option(envvar="FEDBENCH_PROCESSES", metavar="[auto|INTEGER]", help=(
             "Processes that share each round's clients, each with cores/N threads (auto: 2 on a CPU with 2+ cores, "
-            "1 on a GPU; ignored under torchrun). Results equal one process's within float tolerance."))] = "auto",
+            "1 on a GPU; ignored under torchrun). Results equal one process's at the same threads per process."))] = "auto",
         config: Config = None, **settings) -> None:
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json.
 
-    Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round.
+    Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round. Exit code 1: a
+    worker process of --processes died (killed, out of memory); rounds up to the last checkpoint are kept.
     """
     from fedbench.checkpoint import Checkpointer, clear, held_files, stop_on_interrupt
     from fedbench.config import resolve
-    from fedbench.distributed import from_env, local_group, processes as count
+    from fedbench.distributed import WorkerDied, from_env, local_group, processes as count
     from fedbench.engine import resolve_device
     from fedbench.observers import Live, RunFiles
     from fedbench.registry import get_method
@@ -208,23 +209,28 @@ def run(ctx: typer.Context,
     n = 1 if group is not None else count(processes, resolve_device(cfg.device), cfg.clients_per_round,
                                           not get_method(cfg.method).keeps_client_state)
     sharing = local_group(n, partial(train_share, cfg, resume)) if n > 1 else nullcontext(lambda: None)
-    with sharing as connect:
-        with measuring(not cfg.quiet and main):  # not on the other processes
-            runner = ready(cfg, resume, group or connect())
-        if overwrite and main:
-            clear(folder)
-        checkpoints = Checkpointer(folder, cfg.checkpoint_every)
-        observers = ([RunFiles(folder), checkpoints] if main else []) + ([] if cfg.quiet or not main else [Live(err)])
-        stopping = stop_on_interrupt(checkpoints, lambda: err.print(
-            "Ctrl-C: stopping after this round, with a checkpoint (Ctrl-C again: stop at once)"))
-        try:  # under torchrun every process gets the Ctrl-C and stops at once; spawned workers leave it to this one
+    checkpoints, runner = Checkpointer(folder, cfg.checkpoint_every), None
+    try:
+        with sharing as connect:
+            with measuring(not cfg.quiet and main):  # not on the other processes
+                runner = ready(cfg, resume, group or connect())
+            if overwrite and main:
+                clear(folder)
+            observers = (([RunFiles(folder), checkpoints] if main else [])
+                         + ([] if cfg.quiet or not main else [Live(err)]))
+            stopping = stop_on_interrupt(checkpoints, lambda: err.print(
+                "Ctrl-C: stopping after this round, with a checkpoint (Ctrl-C again: stop at once)"))
+            # under torchrun every process gets the Ctrl-C and stops at once; spawned workers leave it to this one
             with stopping if group is None else nullcontext():
                 summary = runner.execute(observers)
-        except KeyboardInterrupt:
-            resumable = (f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume "
-                         f"{folder}" if checkpoints.saved else "no round was checkpointed, nothing to resume")
-            err.print(f"interrupted after round {runner.completed}; {resumable}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        err.print(f"interrupted after round {runner.completed if runner else 0}; {resumable(checkpoints, folder)}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except WorkerDied as e:
+        err.print(f"{e} during round {runner.completed + 1 if runner else 1}; {resumable(checkpoints, folder)}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if summary["status"] == "diverged":
         err.print(f"diverged: the train loss of round {summary['diverged_round']} is {runner.rows[-1]['train_loss']} "
                   f"(not finite); the run stopped there and {folder / 'summary.json'} says status diverged "
@@ -232,6 +238,14 @@ def run(ctx: typer.Context,
         raise typer.Exit(3)
     if not cfg.quiet and main:
         err.print(f"results: {folder}", highlight=False)
+
+
+def resumable(checkpoints, folder: Path) -> str:
+    """The way forward after a run stopped early: its last checkpoint and the command that continues from it."""
+    if checkpoints.saved:
+        return f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
+    return ("no round was checkpointed, nothing to resume (--checkpoint-every N keeps every N-th round); start "
+            f"again with: fedbench run --config {folder / 'config.toml'} --overwrite")
 
 
 def ready(cfg, resume: Path | None, group):
@@ -269,9 +283,16 @@ def warn_unbudgeted(cfg) -> None:
 def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
     """A resumed run takes every setting from its folder's config.toml; only --quiet may be added. Not even
     --rounds: the lr schedule, the methods' stage schedules and the last evaluation depend on the total."""
+    from fedbench.checkpoint import again
+    from fedbench.report import read_run
+
     path = folder / "config.toml"
     if not path.exists():
         raise ConfigError("--resume", f"{folder} is not a fedbench run folder (no config.toml)")
+    done = read_run(folder)[0]
+    if done["status"] == "ok":
+        raise ConfigError("--resume", f"the run in {folder} is complete ({done['rounds']} rounds done, summary.json "
+                                      f"written): nothing to resume, nothing changed; {again(folder)}")
     given = {k for k, v in flags.items() if v is not None} - {"quiet"}
     if given:
         raise ConfigError("--resume", f"continues the run exactly as {path} says; drop "
@@ -361,7 +382,7 @@ def compare(ctx: typer.Context,
             methods: Annotated[Optional[str], typer.Option(help="Comma list of methods, or all (every registered one).")] = None,
             memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory, or sizes such as 8MB, or devices): each cell gives ONE of them to all its clients.")] = None,
             seeds: Annotated[Optional[str], typer.Option(help="Comma list of seeds (default 0).")] = None,
-            out: Annotated[Optional[Path], typer.Option(help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
+            out: Annotated[Optional[str], typer.Option(metavar="PATH", help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
             jobs: Annotated[Optional[int], typer.Option(help="Cells run at once in separate processes (default 1: in turn, also on a GPU).")] = None,
             preset: Annotated[Optional[str], typer.Option(help="smoke: every registered method at budget 0.5 on fmnist-mini, a few rounds (fedbench/presets/).")] = None,
             check: Annotated[bool, typer.Option("--check", help="Exit 1 if a cell failed, a budgeted method exceeded a client's budget or a method ended at chance accuracy.")] = False,
@@ -369,16 +390,14 @@ def compare(ctx: typer.Context,
             config: Annotated[Optional[Path], typer.Option("--config", help="Sweep TOML: run keys, a list value is a sweep axis, overrides.METHOD tables.")] = None,
             **settings) -> None:
     """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
-    from fedbench.compare import check_cells, grid, load_sweep, sweep
+    from fedbench.compare import check_cells, grid, load_sweep, sweep, sweep_folder
     from fedbench.distributed import from_env
 
-    flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds,
-                                        out=str(out) if out else None, jobs=jobs)
+    flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds, out=out, jobs=jobs)
     if target_accuracy is not None and not 0 < target_accuracy <= 1:  # before the sweep, not after it
         raise ConfigError("--target-accuracy", f"{target_accuracy!r} not allowed; allowed: a number in (0, 1]")
     spec = load_sweep(flags, config, preset)
-    if isinstance(spec.get("out"), str):
-        writable(Path(spec["out"]), "--out")
+    writable(sweep_folder(spec.get("out")), "--out")
     todo = grid(spec)
     group = from_env()  # under torchrun: the processes share the cells; the first one reports
     if group is None or group.main:

@@ -36,6 +36,7 @@ from fedbench.budget import label
 from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, parse_budget, resolve
 from fedbench.errors import ConfigError
 from fedbench.registry import get_method, list_methods
+from fedbench.settings import flag
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,17 +110,20 @@ def as_list(value: Any) -> list:
 def grid(spec: dict[str, Any]) -> Grid:
     """Every cell of the sweep, resolved and validated; raises ConfigError, writes nothing."""
     spec = dict(spec)
-    if not spec.get("out"):
-        raise ConfigError("--out", "required: the sweep folder (rerun the same command to continue a sweep)")
-    root = Path(spec.pop("out"))
+    root = sweep_folder(spec.pop("out", None))
     jobs = spec.pop("jobs", None)
     jobs = 1 if jobs is None else jobs
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ConfigError("--jobs", f"{jobs!r} not allowed; must be a positive integer")
+    tables = spec.pop("overrides", {})
+    empty = next((k for k, v in spec.items() if isinstance(v, list) and not v), None)
+    if empty is not None:
+        raise ConfigError(flag({v: k for k, v in ALIASES.items()}.get(empty, empty)),
+                          "an empty list ([]) sweeps nothing; allowed: a non-empty list")
     methods = method_list(spec.pop("method", None))
     budgets = [parse_budget(b) for b in as_list(spec.pop("memory_budget", 1.0))]
     seeds = [seed_value(s) for s in as_list(spec.pop("seed", 0))]
-    overrides = override_tables(spec.pop("overrides", {}), methods)
+    overrides = override_tables(tables, methods)
     owners = {f.name for m in methods for f in fields(get_method(m).Options)}  # method options of the grid
     cells, datasets = [], {}
     for method in methods:
@@ -141,6 +145,15 @@ def grid(spec: dict[str, Any]) -> Grid:
     one_model(cells)
     check_folders(cells)
     return Grid(root, cells, jobs)
+
+
+def sweep_folder(value: Any) -> Path:
+    """The sweep's ``out``: a folder path, required."""
+    if value is None:
+        raise ConfigError("--out", "required: the sweep folder (rerun the same command to continue a sweep)")
+    if not isinstance(value, str) or not value:
+        raise ConfigError("--out", f"{value!r} is not a folder path; allowed: a folder path (a non-empty string)")
+    return Path(value)
 
 
 def one_model(cells: list[Cell]) -> None:

@@ -154,6 +154,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError("--config", f"file not found: {path}") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError("--config", f"cannot read {path} ({e.strerror or e}); allowed: a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text; allowed: a TOML file (UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", f"malformed TOML in {path}: {e}") from None
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -179,6 +183,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     from fedbench.registry import get_method
 
     cfg = replace(cfg, **{k: check(spec, getattr(cfg, k)) for k, spec in RUN.items()})
+    if cfg.out == "":
+        raise ConfigError("--out", "an empty path; allowed: a folder path")
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")

@@ -4,7 +4,7 @@ Within a run every process holds the same global model. Each round, the sampled 
 shared out (balanced by sample counts, deterministically), each process trains its share and
 folds it into its masked sums, the sums and weights are all-reduced, and every process applies
 the same update. Client randomness is a function of (seed, round, client) and never of the
-process, so the result equals the one-process run within float tolerance (summation order).
+process, and the masked sums are float64 (exact in any order), so the result equals the one-process run.
 Across a sweep, ``compare`` gives each process every size-th unfinished cell.
 
 Backends: NCCL when CUDA is available (process i on GPU ``LOCAL_RANK``), gloo on CPUs.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 LAUNCHED = "WORLD_SIZE"  # set by torchrun
 
@@ -95,24 +97,51 @@ def join(store: str, rank: int, size: int) -> Group:
     return Group(rank, size)
 
 
+class WorkerDied(RuntimeError):
+    """A spawned worker process ended while the run needed it (killed, out of memory, crashed)."""
+
+    def __init__(self, rank: int, exitcode: int):
+        how = (f"was killed by {signal.Signals(-exitcode).name}" + (" (as the out-of-memory killer does)"
+                                                                     if exitcode == -signal.SIGKILL else "")
+               if exitcode < 0 else f"exited with code {exitcode}")
+        super().__init__(f"worker process {rank} of the run {how}")
+
+
 def follow(store: str, rank: int, size: int, threads: int, job: Callable[[Group], None]) -> None:
     """A spawned worker: its share of the threads, Ctrl-C and logging left to rank 0 (which stops the workers),
-    then ``job``."""
+    then ``job``. If rank 0 dies the worker stops with one line on stderr and exit code 1, not a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs the run's warnings, once
     torch.set_num_threads(threads)
-    job(join(store, rank, size))
+    try:
+        job(join(store, rank, size))
+    except Exception:
+        parent = mp.parent_process()
+        if parent is None or parent.is_alive():
+            raise
+        print(f"fedbench: worker process {rank} stops: the run's main process (rank 0, pid {parent.pid}) died; "
+              "its folder keeps every checkpointed round (fedbench run --resume FOLDER continues it)",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     dist.destroy_process_group()
+
+
+def dead(workers: list) -> WorkerDied | None:
+    """The first worker that ended with a failure (each given a moment to be reaped), or None."""
+    for rank, w in enumerate(workers, start=1):
+        w.join(timeout=5)
+        if w.exitcode not in (None, 0):
+            return WorkerDied(rank, w.exitcode)
+    return None
 
 
 @contextmanager
 def local_group(size: int, job: Callable[[Group], None]) -> Iterator[Callable[[], Group]]:
     """Spawn ``size - 1`` workers that each run ``job(group)`` (a picklable callable) and yield how this process
     joins them as rank 0 (call it once its own set-up is done: the workers start meanwhile), all with
-    cores/size intra-op threads. On leaving, normally or not, workers still running are stopped and this
-    process's threads and group are restored."""
-    import torch.multiprocessing as mp
-
+    cores/size intra-op threads. A failure of the body caused by a worker that died is raised as WorkerDied.
+    On leaving, normally or not, workers still running are stopped and this process's threads and group are
+    restored."""
     threads, before = max(1, (os.cpu_count() or 1) // size), torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -126,6 +155,11 @@ def local_group(size: int, job: Callable[[Group], None]) -> Iterator[Callable[[]
             yield lambda: join(store, 0, size)
             for w in workers:
                 w.join()
+        except Exception as e:  # a collective fails when a worker died: say which and how, not gloo's error
+            died = dead(workers)
+            if died is None:
+                raise
+            raise died from e
         finally:
             for w in workers:
                 if w.is_alive():

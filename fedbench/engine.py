@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from fedbench import batched
-from fedbench.budget import client_budgets, draw_budgets, fractions
+from fedbench.budget import Infeasible, client_budgets, draw_budgets, fractions
 from fedbench.config import RunConfig, for_dataset, method_options, model_kwargs
 from fedbench.data import Dataset, load_dataset, placeholder
 from fedbench.devices import Device, assign
@@ -87,6 +87,7 @@ class Run:
     group: Group | None = None         # torchrun processes sharing each round's clients (None: this one alone)
     devices: list[Device] | None = None  # each client's device (--devices): simulated time per client-round
     initial: dict = field(default_factory=dict)  # --eval-initial: the evaluation of the initial global model
+    infeasible: dict[float, float] = field(default_factory=dict)  # profile: budget left out -> its measured floor
     _submodels: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -377,7 +378,8 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
 
     ``group``: the torchrun processes that share each round's clients (see ``fedbench.distributed``).
     ``shapes_only`` (for ``fedbench profile``): only the data's shape matters, so a dataset
-    whose files are missing is replaced by a stand-in of its shape, and nothing is partitioned.
+    whose files are missing is replaced by a stand-in of its shape, nothing is partitioned, and a budget below
+    the method's measured floor is left out (``Run.infeasible``) unless every budget is.
     """
     device = resolve_device(cfg.device)
     try:
@@ -413,7 +415,29 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     ctx.full_memory = profiler.memory_of(method.full_plan())
     devices = assign(cfg.devices, cfg.clients, cfg.seed) if cfg.devices else None
     ctx.fractions = fractions(cfg.memory_budget, ctx.full_memory, [d.memory for d in devices or ()])
-    method.setup()
+    infeasible = set_up(method, each=shapes_only)
     for warning in method.warnings(cfg.rounds):
         log.warning("%s: %s", cfg.method, warning)
-    return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group, devices=devices)
+    return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group, devices=devices, infeasible=infeasible)
+
+
+def set_up(method: Method, each: bool = False) -> dict[float, float]:
+    """``method.setup()``; with ``each`` (``fedbench profile``) a budget below the method's measured floor is left out
+    instead of refusing the list: returns budget -> floor of those left out. Raises Infeasible as a run does when
+    every budget is below the floor."""
+    try:
+        method.setup()
+        return {}
+    except Infeasible:
+        if not each:
+            raise
+    ctx, given, floors = method.ctx, method.ctx.fractions, {}
+    for b in method.budgets:  # each budget alone
+        ctx.fractions = [b]
+        try:
+            method.setup()
+        except Infeasible as e:
+            floors[b] = e.floor
+    ctx.fractions = [f for f in given if f not in floors] or given
+    method.setup()  # the budgets that fit, together; when none does, the refusal of the whole list
+    return floors

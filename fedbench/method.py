@@ -117,7 +117,7 @@ def evaluate_on_test(model: FedModel, ds: Dataset, group: "Group | None" = None)
     with its own statistics, so the result depends on which samples share a batch: the split's
     fixed content order (``fedbench.data.content_order``) mixes the classes of every batch.
     With a process ``group`` each process evaluates every size-th batch and the sums are all-reduced
-    (the same batches, so the same accuracy; the loss up to summation order).
+    (the same batches, so the same accuracy and, summed in float64, the same loss).
     """
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ds.test_y.device)  # correct, summed loss

@@ -76,8 +76,7 @@ def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames = []
     for name, columns in (("rounds.csv", ROUND_COLUMNS), ("clients.csv", CLIENT_COLUMNS)):
         try:
-            text = (folder / name).read_text()
-            frame = pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
+            frame = whole_lines(folder / name)
         except (OSError, ValueError) as e:  # missing, empty or malformed (UnicodeDecodeError is a ValueError)
             raise Inconsistent(f"{name} unreadable ({e})") from None
         missing = sorted(set(columns) - set(frame.columns))
@@ -91,13 +90,32 @@ def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0], frames[1]
 
 
+def whole_lines(path: Path) -> pd.DataFrame:
+    """A CSV file without a last line cut short (a write that did not finish)."""
+    text = path.read_text()
+    return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
+
+
 def check_rounds(rounds: pd.DataFrame, clients: pd.DataFrame, n: int, source: str) -> None:
-    """Raise Inconsistent unless ``rounds`` holds rounds 1..n and ``clients`` exactly their client-rounds."""
+    """Raise Inconsistent unless ``rounds`` holds rounds 1..n and ``clients`` exactly their client-rounds; the
+    message names the rounds a file lacks."""
     if rounds["round"].tolist() != list(range(1, n + 1)):
-        raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, {source} says {n}")
+        raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, {source} says {n}" + lacking(range(1, n + 1), rounds))
     client_rounds = int(rounds["clients"].sum())
     if len(clients) != client_rounds or set(clients["round"]) != set(rounds["round"]):
-        raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}")
+        raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}"
+                           + lacking(rounds["round"], clients))
+
+
+def lacking(rounds, frame: pd.DataFrame) -> str:
+    """`` (rounds missing: 2, 5-9)``: the ``rounds`` that ``frame`` has no row of; empty if none."""
+    spans: list[list[int]] = []
+    for r in sorted(set(rounds) - set(frame["round"])):
+        if spans and spans[-1][1] == r - 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return f" (rounds missing: {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in spans)})" if spans else ""
 
 
 class RunFiles(Observer):

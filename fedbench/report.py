@@ -16,7 +16,7 @@ from fedbench.config import EXECUTION, FIELDS, RunConfig, load_toml
 from fedbench.devices import size
 from fedbench.engine import Run
 from fedbench.errors import ConfigError
-from fedbench.observers import Inconsistent, check_rounds, read_logs
+from fedbench.observers import Inconsistent, check_rounds, read_logs, whole_lines
 from fedbench.plan import Plan
 from fedbench.plots import write_plots
 from fedbench.registry import get_method
@@ -44,21 +44,22 @@ def plan_row(run: Run, plan: Plan) -> dict:
 
 
 def profile_rows(run: Run) -> pd.DataFrame:
-    """The full model (budget 1 by definition), then each of the method's configurations."""
+    """The full model (budget 1 by definition), the budgets below the method's floor, then its configurations."""
     rows = [{"budget": 1.0, **plan_row(run, run.method.full_plan()), "note": "defines budget 1"}]
+    rows += [{"budget": b, "config": below(floor), "floor": floor} for b, floor in run.infeasible.items()]
     for info, plan in run.method.schedule():
         row = {"budget": info.get("budget"), **plan_row(run, plan), "note": info.get("note", "")}
         if row["budget"] is not None:
             row["fits"] = row["of_full"] <= row["budget"] + 1e-12
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"steps": "Int64"})  # an infeasible row has none
 
 
 def render_profile(run: Run, rows: pd.DataFrame) -> Table:
     cfg = run.config
     table = Table(title=f"{cfg.method}: {cfg.model} on {cfg.dataset}, batch {cfg.batch_size}, "
                         f"{run.ctx.device.type} live-tensor peak (MB = 1e6 B)")
-    columns = [c for c in rows.columns if c not in ("params_MB", "grads_MB", "optimizer_MB", "batch_MB")]
+    columns = [c for c in rows.columns if c not in ("params_MB", "grads_MB", "optimizer_MB", "batch_MB", "floor")]
     for c in columns:
         table.add_column(c, justify="left" if c in ("config", "note") else "right")
     for _, r in rows.iterrows():
@@ -67,7 +68,7 @@ def render_profile(run: Run, rows: pd.DataFrame) -> Table:
 
 
 def fmt(v) -> str:
-    if v is None or (isinstance(v, float) and pd.isna(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "NO"
@@ -200,7 +201,7 @@ def unfinished(folder: Path, config: dict) -> dict:
             return {"status": "infeasible", "problem": str(record.get("error", "?")), "floor": float(floor)}
         return {"status": "failed", "problem": str(record.get("error", "?"))}
     try:
-        done = len(pd.read_csv(folder / "rounds.csv"))
+        done = len(whole_lines(folder / "rounds.csv"))
     except (OSError, ValueError):
         done = 0
     return {"status": "incomplete",
@@ -262,7 +263,9 @@ def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
 
 def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs per (row, budget): how many finished (seeds), failed or are missing (runs - seeds - failed);
-    accuracy mean/std over the finished seeds, worst memory, mean costs."""
+    accuracy mean/std over the finished seeds, worst memory, mean costs. Only cells with a finished or an
+    infeasible run: a cell of failed, incomplete or corrupt runs alone is no row of the tables (``problems``
+    lists its runs)."""
     done = runs[runs["method"].notna()]
     done = done.assign(ok=done["status"] == "ok", failed=done["status"] == "failed",
                        infeasible=done["status"] == "infeasible",
@@ -279,6 +282,7 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
         dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
         reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"),
         initial_accuracy=("initial_accuracy", "mean"), left_out=("left_out", "mean")).reset_index()
+    cells = cells[(cells["seeds"] > 0) | (cells["infeasible"] > 0)]
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
                              ascending=[False, True, True, True, True], ignore_index=True)
 
@@ -296,11 +300,11 @@ def marks(c) -> str:
 
 def fmt_accuracy(c) -> str:
     """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; infeasible (floor X): the
-    budget is below the method's measured floor on this model; failed; - (none finished); diverged (training
-    stopped at a NaN/inf loss; (diverged/finished) when not every seed did); (untrained X): the same evaluation
-    of the initial model (--eval-initial), mean over seeds."""
+    budget is below the method's measured floor on this model (none finished); diverged (training stopped at a
+    NaN/inf loss; (diverged/finished) when not every seed did); (untrained X): the same evaluation of the initial
+    model (--eval-initial), mean over seeds."""
     if c.seeds == 0:
-        return infeasible(c) or ("failed" if c.failed else "-")
+        return infeasible(c)
     if c.diverged:
         return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
@@ -310,13 +314,17 @@ def fmt_accuracy(c) -> str:
 
 
 def infeasible(c) -> str:
-    return f"infeasible (floor {c.floor:.3f})" if c.infeasible else ""
+    return below(c.floor) if c.infeasible else ""
+
+
+def below(floor: float) -> str:
+    return f"infeasible (floor {floor:.3f})"
 
 
 def fmt_memory(c) -> str:
     """Peak MB (peak / budget, or unbudgeted: a method that fits nothing to a budget, none counted over it)."""
     if c.seeds == 0:
-        return infeasible(c) or "-"
+        return infeasible(c)
     return f"{c.peak_MB:.3g} ({'unbudgeted' if c.unbudgeted else f'{c.peak_of_budget:.2f}'}){over(c)}"
 
 
@@ -343,7 +351,7 @@ def duration(seconds: float) -> str:
 def fmt_time_to(c) -> str:
     """Simulated time until the first evaluation at or above the target, mean over the seeds that reached it."""
     if c.seeds == 0:
-        return infeasible(c) or "-"
+        return infeasible(c)
     if c.reached == 0:
         return f"not reached (best {c.best_accuracy:.4f})"
     return duration(c.target_s) + (f" ({c.reached}/{c.seeds} seeds)" if c.reached < c.seeds else "") + marks(c)

@@ -97,6 +97,44 @@ def test_wrong_toml_types_name_the_key(toml, flag, allowed, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["run", "--out", "OUT"], ["profile"], ["compare", "--methods", "fedavg", "--out", "OUT"]])
+@pytest.mark.parametrize("damage, allowed", [
+    (lambda path: path.mkdir(), "(Is a directory); allowed: a TOML file"),
+    (lambda path: path.write_bytes('lr = 0.1 # "lr" in Latin-1: \xb5\n'.encode("latin-1")), "is not UTF-8 text"),
+])
+def test_config_that_is_a_folder_or_not_utf8_is_refused(command, damage, allowed, tmp_path):
+    config = tmp_path / "run.toml"
+    damage(config)
+    command = [tmp_path / "out" if a == "OUT" else a for a in command]
+    refused(fedbench(*command, *TINY[:4], "--config", config), "--config", str(config), allowed)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, toml", [
+    (["run", *TINY], ""), (["compare", "--methods", "fedavg", *TINY[:-1]], ""),
+    (["compare", "--methods", "fedavg", *TINY[:-1]], "out = 42"),
+])
+def test_out_that_is_no_folder_path_is_refused(command, toml, tmp_path, monkeypatch):
+    """--out '' (once taken as no --out: the run went to ./results/runs/, the sweep to .), or a sweep TOML's out = 42."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.toml").write_text(toml + "\n")
+    args = ["--config", "sweep.toml"] if toml else ["--out", ""]
+    refused(fedbench(*command, *args), "--out", "allowed: a folder path")
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.toml"]
+
+
+@pytest.mark.parametrize("toml, flag", [
+    ("lr = []", "--lr"), ("memory-budget = []", "--memory-budget"), ("seeds = []", "--seeds"), ("methods = []", "--methods"),
+])
+def test_empty_sweep_axis_names_its_key(toml, flag, tmp_path):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(toml + "\n")
+    args = ["--config", sweep] + ([] if flag == "--methods" else ["--methods", "fedavg"])
+    refused(fedbench("compare", *args, *TINY[:-1], "--out", tmp_path / "out"), flag, "an empty list ([]) sweeps nothing",
+            "allowed: a non-empty list")
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_that_cannot_be_written_is_refused_before_setup(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "prepare", lambda *a, **k: pytest.fail("set up before --out was checked"))
     afile = tmp_path / "[red]file"  # user text printed as given, not as rich markup

@@ -78,3 +78,23 @@ def test_profile_works_offline_for_a_dataset_it_does_not_have(tmp_path):
     import pandas as pd
     row = pd.read_csv(tmp_path / "p.csv").iloc[0]
     assert row["of_full"] == 1.0 and abs(row["peak_MB"] - 53.4) < 1.0  # 50.97 MiB (profiling.md §2.3)
+
+
+def test_profile_shows_budgets_below_the_floor_as_infeasible_rows_beside_those_that_fit(tmp_path):
+    """Issue 30: profile prints every budget, one below fedepth's measured floor as a row 'infeasible (floor X)'
+    (in the CSV with the floor); only when every budget is below it, one line and exit 2 as ``run``."""
+    import pandas as pd
+    args = ["profile", "--method", "fedepth", "--dataset", "synthetic", "--model", "fedavg-cnn", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--memory-budget", "0.5,0.9,1", "--csv", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "p.csv")
+    below = rows[rows["floor"].notna()]
+    floor = below["floor"].iloc[0]
+    assert list(below["budget"]) == [0.5] and 0.5 < floor < 0.9 and below["peak_MB"].isna().all()
+    assert list(below["config"]) == [f"infeasible (floor {floor:.3f})"] and below["config"].iloc[0] in result.output
+    fit = rows.iloc[len(below) + 1:]
+    assert list(fit["budget"]) == [0.9, 1.0] and fit["fits"].all() and (fit["peak_MB"] > 0).all()
+    result = runner.invoke(app, [*args, "--memory-budget", "0.3,0.5", "--csv", str(tmp_path / "q.csv")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "--memory-budget" in lines[0] and f"budgets >= {floor:.3f}" in lines[0] and not (tmp_path / "q.csv").exists()

@@ -118,14 +118,42 @@ def test_corrupt_and_half_written_runs_are_reported(reference, tmp_path):
     runs = pd.read_csv(out / "report/runs.csv").set_index("folder")
     assert runs["status"].to_dict() == {"fedavg/b0.25/s0": "corrupt", "fedavg/b0.5/s0": "ok",
                                         "small/b0.25/s0": "incomplete", "small/b0.5/s0": "corrupt"}
-    assert runs.loc["fedavg/b0.25/s0", "problem"] == "rounds.csv has 1 rounds, summary.json says 2"
+    assert runs.loc["fedavg/b0.25/s0", "problem"] == "rounds.csv has 1 rounds, summary.json says 2 (rounds missing: 2)"
     assert runs.loc["small/b0.5/s0", "problem"].startswith("summary.json unreadable")
     accuracy = pd.read_csv(out / "report/accuracy.csv", index_col="method", dtype=str)
-    assert accuracy.loc["fedavg", "0.25"] == "-" and accuracy.loc["small"].tolist() == ["-", "-"]
+    assert accuracy.index.tolist() == ["fedavg"] and accuracy.columns.tolist() == ["0.5"]  # the listed runs: no cells
     before = pd.read_csv(reference / "report/accuracy.csv", index_col="method", dtype=str)
     assert accuracy.loc["fedavg", "0.5"] == before.loc["fedavg", "0.5"]
     assert "Runs not in the tables" in result.output and "small/b0.25/s0" in result.output
     assert "| small/b0.5/s0 | corrupt | summary.json unreadable" in (out / "report/report.md").read_text()
+
+
+def test_runs_not_in_the_tables_get_no_row_there_and_a_cut_row_is_no_round(reference, tmp_path):
+    """An unfinished method once got a `fedavg | -` row beside its listing under "Runs not in the tables", and an
+    incomplete run's half-written last row counted as a round."""
+    out = tmp_path / "sweep"
+    shutil.copytree(reference, out)
+    for cell in ("fedavg/b0.25/s0", "fedavg/b0.5/s0"):
+        (out / cell / "summary.json").unlink()                                      # interrupted
+    rounds = out / "fedavg/b0.25/s0/rounds.csv"
+    rounds.write_text(rounds.read_text()[:-20])                                     # round 2's row cut short
+    result = invoke("report", str(out))
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "report/runs.csv").set_index("folder")
+    assert runs.loc["fedavg/b0.25/s0", "problem"] == "no summary.json; 1 of 2 rounds in rounds.csv"
+    assert runs.loc["fedavg/b0.5/s0", "problem"] == "no summary.json; 2 of 2 rounds in rounds.csv"
+    markdown = (out / "report/report.md").read_text()
+    for name in ("accuracy", "memory", "flops", "communication"):
+        table = pd.read_csv(out / f"report/{name}.csv", index_col="method", dtype=str)
+        assert table.index.tolist() == ["small"] and table.columns.tolist() == ["0.25", "0.5"]
+    assert "| fedavg |" not in markdown and "| fedavg/b0.25/s0 | incomplete |" in markdown
+    assert "fedavg/b0.5/s0" in result.output and not any(line.lstrip("│ ").startswith("fedavg ")
+                                                         for line in result.output.splitlines())
+    for cell in ("small/b0.25/s0", "small/b0.5/s0"):                                # no finished run: no tables
+        (out / cell / "summary.json").unlink()
+    result = invoke("report", str(out))
+    assert result.exit_code == 0, result.output
+    assert not list((out / "report").glob("accuracy*.csv")) and "Runs not in the tables" in result.output
 
 
 @pytest.mark.parametrize("args, line", [

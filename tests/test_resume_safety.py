@@ -109,6 +109,7 @@ def test_resume_refuses_a_checkpoint_written_under_other_settings(whole, tmp_pat
     out = tmp_path / "run"
     shutil.copytree(whole, out)
     config = out / "config.toml"  # as another run, stopped before its first checkpoint, would leave the folder
+    (out / "summary.json").unlink()  # unfinished (a finished run is refused as complete)
     config.write_text(config.read_text().replace("lr = 0.05", "lr = 0.1").replace("device = \"cpu\"", "device = \"auto\""))
     before = files(out)
     one_line(fedbench("run", "--resume", out), 2, "--resume", "other settings", "(lr)", "--overwrite")
@@ -119,6 +120,16 @@ def test_resume_refuses_a_checkpoint_written_under_other_settings(whole, tmp_pat
     one_line(fedbench("run", "--resume", out), 2, "--resume", "records no settings")
     assert {k: v for k, v in files(out).items() if k not in ("config.toml", "checkpoint.pt")} == \
         {k: v for k, v in before.items() if k not in ("config.toml", "checkpoint.pt")}
+
+
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(whole, tmp_path):
+    """It once ran again from its last checkpoint and rewrote every file (summary.json's command line too)."""
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    before = {name: (content, (out / name).stat().st_mtime_ns) for name, content in files(out).items()}
+    one_line(fedbench("run", "--resume", out), 2, "--resume", f"the run in {out} is complete (4 rounds done",
+             "nothing to resume", "--overwrite")
+    assert {name: (content, (out / name).stat().st_mtime_ns) for name, content in files(out).items()} == before
 
 
 @pytest.mark.parametrize("n", [1, 4, 6])
@@ -205,18 +216,24 @@ def test_partial_last_lines_after_the_checkpoint_are_repaired(tmp_path, monkeypa
     pd.testing.assert_frame_equal(pd.read_csv(out / "clients.csv"), pd.read_csv(whole / "clients.csv"))
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda lines: lines[:-1] + [lines[-1][:12]], "rounds.csv has 2 rounds, checkpoint.pt says 3"),  # round 3 cut
-    (lambda lines: lines[:2] + lines[3:], "rounds.csv has 2 rounds, checkpoint.pt says 3"),          # round 2 lost
-    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[5], "abc", 1)] + lines[3:],
+@pytest.mark.parametrize("name, damage, problem", [
+    ("rounds.csv", lambda lines: lines[:-1] + [lines[-1][:12]],
+     "rounds.csv has 2 rounds, checkpoint.pt says 3 (rounds missing: 3)"),                        # round 3 cut
+    ("rounds.csv", lambda lines: lines[:2] + lines[3:],
+     "rounds.csv has 2 rounds, checkpoint.pt says 3 (rounds missing: 2)"),                        # round 2 lost
+    ("rounds.csv", lambda lines: lines[:2],
+     "rounds.csv has 1 rounds, checkpoint.pt says 3 (rounds missing: 2-3)"),                      # rounds 2, 3 lost
+    ("rounds.csv", lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[5], "abc", 1)] + lines[3:],
      "rounds.csv has missing or non-numeric values in bytes_down"),                               # round 2 damaged
+    ("clients.csv", lambda lines: lines[:3] + lines[5:],
+     "clients.csv has 4 client-rounds, rounds.csv says 6 (rounds missing: 2)"),                   # round 2 lost
 ])
-def test_csv_lacking_a_checkpointed_round_is_refused_before_training(tmp_path, monkeypatch, damage, problem):
+def test_csv_lacking_a_checkpointed_round_is_refused_before_training(tmp_path, monkeypatch, name, damage, problem):
     out = tmp_path / "run"
     stop_after(monkeypatch, checkpoint.Checkpointer, 3)
     assert fedbench("run", *TINY, "--rounds", "4", "--checkpoint-every", "1", "--out", out).exit_code == 130
     monkeypatch.undo()
-    path = out / "rounds.csv"
+    path = out / name
     path.write_text("".join(damage(path.read_text().splitlines(keepends=True))))
     before = files(out)
     one_line(fedbench("run", "--resume", out), 2, "--resume", problem, "--overwrite")
