@@ -385,7 +385,7 @@ def compare(ctx: typer.Context,
             out: Annotated[Optional[str], typer.Option(metavar="PATH", help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
             jobs: Annotated[Optional[int], typer.Option(help="Cells run at once in separate processes (default 1: in turn, also on a GPU).")] = None,
             preset: Annotated[Optional[str], typer.Option(help="smoke: every registered method at budget 0.5 on fmnist-mini, a few rounds (fedbench/presets/).")] = None,
-            check: Annotated[bool, typer.Option("--check", help="Exit 1 if a cell failed, a budgeted method exceeded a client's budget or a method ended at chance accuracy.")] = False,
+            check: Annotated[bool, typer.Option("--check", help="Exit 1 if a cell failed, a budgeted method exceeded a client's budget or a method did not learn (its final evaluation does not clear its untrained one, --eval-initial, by 5% of the way to 1).")] = False,
             target_accuracy: Target = None,
             config: Annotated[Optional[Path], typer.Option("--config", help="Sweep TOML: run keys, a list value is a sweep axis, overrides.METHOD tables.")] = None,
             **settings) -> None:

@@ -261,6 +261,11 @@ def label_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.assign(row=labels, supervised=[supervised(m, e) for m, e in zip(runs["method"], runs["evaluation"])])
 
 
+def has_text(column: pd.Series) -> pd.Series:
+    """Which entries of a text column (all missing: read as float) hold some text."""
+    return column.notna() & (column.astype(str) != "")
+
+
 def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs per (row, budget): how many finished (seeds), failed or are missing (runs - seeds - failed);
     accuracy mean/std over the finished seeds, worst memory, mean costs. Only cells with a finished or an
@@ -274,7 +279,7 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
     cells = done.groupby(CELL_KEYS).agg(
         dataset=("dataset", "first"), budget_value=("budget_value", "first"), runs=("ok", "size"), seeds=("ok", "sum"), failed=("failed", "sum"),
         infeasible=("infeasible", "sum"), floor=("floor", "max"),
-        warned=("warnings", lambda w: int((w.fillna("") != "").sum())),
+        warned=("warnings", lambda w: int(has_text(w).sum())),
         error=("error", "first"), diverged=("diverged", "sum"), unbudgeted=("unbudgeted", "any"),
         accuracy_mean=("final_accuracy", "mean"), accuracy_std=("final_accuracy", "std"),
         peak_MB=("peak_MB", "max"), peak_of_budget=("peak_of_budget", "max"), train_GFLOPs=("train_GFLOPs", "mean"),
@@ -450,7 +455,7 @@ def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
         doc += [f"## {title}\n", markdown(pivot)]
     evaluation = comp.runs[comp.runs["status"] == "ok"].drop_duplicates(["row", "evaluation"])
     doc += ["## Evaluation\n", "".join(f"- {r.row}: {r.evaluation}\n" for r in evaluation.itertuples())]
-    warned = comp.runs[comp.runs["warnings"].fillna("") != ""].drop_duplicates(["row", "budget", "warnings"])
+    warned = comp.runs[has_text(comp.runs["warnings"])].drop_duplicates(["row", "budget", "warnings"])
     if len(warned):
         doc += ["## Warnings (cells marked *)\n",
                 "".join(f"- {r.row}, budget {r.budget}: {r.warnings}\n" for r in warned.itertuples())]

@@ -7,7 +7,10 @@ one evaluation at the end (20 clients x 4 per round would train 10x more images 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,8 @@ from methods.fedavg import FedAvg
 
 TINY = ["--dataset", "fmnist-mini", "--model", "fedavg-cnn", "--rounds", "2", "--clients", "100", "--batch-size", "16",
         "--clients-per-round", "2", "--eval-every", "2", "--checkpoint-every", "1"]
-GRID = ["--methods", "fedavg,small", "--memory-budget", "0.25,0.5", *TINY]
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ["--methods", "fedavg,small", "--memory-budget", "0.25,0.5", *TINY, "--eval-initial"]  # --check needs it
 CELLS = ["fedavg/b0.25/s0", "fedavg/b0.5/s0", "small/b0.25/s0", "small/b0.5/s0"]
 MEASURED = ["row", "budget", "seeds", "accuracy_mean", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down",
             "MB_up", "violations"]
@@ -91,7 +95,8 @@ def test_tables_agree_with_run_folders(reference):
         assert run["MB_down"] == pytest.approx(clients["bytes_down"].mean() / 1e6)
         assert run["violations"] == (~clients["within_budget"]).sum() == summary["violations"]
         over = " !" if summary["violations"] else ""
-        assert accuracy.loc[method, budget] == f"{summary['final_accuracy']:.4f}{over}"
+        untrained = f" (untrained {summary['initial_accuracy']:.4f})"
+        assert accuracy.loc[method, budget] == f"{summary['final_accuracy']:.4f}{untrained}{over}"
         ratio = (clients["peak_bytes"] / clients["budget_bytes"]).max()
         assert memory.loc[method, budget] == f"{clients['peak_bytes'].max() / 1e6:.3g} ({ratio:.2f}){over}"
         assert comm.loc[method, budget] == f"{run['MB_down']:.3g} / {run['MB_up']:.3g}"
@@ -224,3 +229,21 @@ def test_check_fails_on_a_violation_and_records_a_failed_cell(tmp_path, monkeypa
     accuracy = pd.read_csv(out / "report/accuracy.csv", index_col="method", dtype=str)
     assert accuracy.loc["small", "0.001"].startswith("infeasible (floor 0.0")
     assert accuracy.loc["over-budget", "0.001"].endswith(" !")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_smoke_check_passes_and_fails_alike_under_1_and_2_threads(threads, tmp_path):
+    """The check once flipped with the thread count: slt ended at 0.163 with one thread and at 0.092 (below chance)
+    with two, in 3 rounds of 2 clients. Each method must now clear its own untrained evaluation by a margin."""
+    def smoke(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "fedbench", "compare", "--preset", "smoke", "--check", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    learned = smoke("--methods", "slt,fedssl", "--out", str(tmp_path / "learned"))
+    assert learned.returncode == 0, learned.stderr[-3000:]
+    still = smoke("--methods", "slt", "--lr", "1e-9", "--out", str(tmp_path / "still"))
+    assert still.returncode == 1
+    failed = [line for line in still.stderr.splitlines() if line.startswith("check failed")]
+    assert len(failed) == 1 and failed[0].startswith("check failed: slt/b0.5+1/s0: did not learn: final accuracy "), \
+        still.stderr[-3000:]
