@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from itertools import product
 from multiprocessing import get_context
 from pathlib import Path
@@ -143,6 +143,8 @@ def grid(spec: dict[str, Any]) -> Grid:
             cells.append(Cell(name, for_dataset(cfg, datasets[key]), datasets[key].num_classes))
     cells.sort(key=lambda c: seeds.index(c.config.seed))  # a whole table at the first seed comes first
     one_model(cells)
+    cells = one_precision(cells, lambda cfg: datasets[(cfg.dataset, cfg.data_dir,
+                                                       cfg.seed if cfg.dataset == "synthetic" else 0)])
     check_folders(cells)
     return Grid(root, cells, jobs)
 
@@ -171,6 +173,40 @@ def one_model(cells: list[Cell]) -> None:
             used = "; ".join(f"{m} ({', '.join(names)})" for m, names in models.items())
             raise ConfigError("--model", f"the {kind} methods of one comparison must train one model, but the cells "
                                          f"use {used}; set one --model (or one model in [overrides.{SELF_SUPERVISED}])")
+
+
+def one_precision(cells: list[Cell], dataset: Callable[[RunConfig], Any]) -> list[Cell]:
+    """A grid never mixes precisions: ``auto`` becomes the precision its existing cells were run in, else the one
+    ``--precision auto`` picks for its first cell's model (measured once); cells that still differ are refused."""
+    from functools import partial
+
+    from fedbench.config import model_kwargs
+    from fedbench.engine import resolve_device
+    from fedbench.models import create_model
+    from fedbench.precision import choose
+
+    auto = [c.config for c in cells if c.config.precision == "auto"]
+    if auto:
+        cfg, ds = auto[0], dataset(auto[0])
+        build = partial(create_model, cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans,
+                        img_size=ds.img_size, **model_kwargs(cfg))
+        chosen = next((p for c in cells if (p := stored_precision(c.folder))), None) or choose(
+            "auto", build, tuple(ds.train_x.shape[1:]), ds.num_classes, cfg.batch_size, resolve_device(cfg.device))
+        cells = [replace(c, config=replace(c.config, precision=chosen)) if c.config.precision == "auto" else c
+                 for c in cells]
+    used = sorted({c.config.precision for c in cells})
+    if len(used) > 1:
+        raise ConfigError("--precision", f"the cells of one comparison must run in one precision, but they use "
+                                         f"{' and '.join(used)}; set one --precision for the whole grid")
+    return cells
+
+
+def stored_precision(folder: Path) -> str | None:
+    """The precision a cell folder's config.toml records (None: no readable one)."""
+    try:
+        return load_toml(folder / "config.toml").get("precision")
+    except ConfigError:
+        return None
 
 
 def method_list(value: Any) -> list[str]:

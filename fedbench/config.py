@@ -8,6 +8,7 @@ its ``Options`` dataclass, a model's from the keyword defaults of its factory.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -65,8 +66,11 @@ class RunConfig:
                             "(a random encoder under a linear probe); summary.json initial_accuracy, shown in the "
                             "tables as (untrained X)."] = False
     device: Annotated[Literal["auto", "cpu", "cuda"], "auto: cuda when available."] = "auto"
-    precision: Annotated[Literal["fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 autocast "
-                         "(activations in bfloat16, weights and updates in float32; measured as run)."] = "fp32"
+    precision: Annotated[Literal["auto", "fp32", "bf16"], "Arithmetic of training and evaluation: fp32, or bf16 "
+                         "autocast (activations in bfloat16, weights and updates in float32; measured as run); auto: "
+                         "bf16 where the device runs it natively and a start-up measurement finds it faster, else "
+                         "fp32 (config.toml records the choice; FEDBENCH_PRECISION sets the default)."] = \
+        os.environ.get("FEDBENCH_PRECISION", "auto")
     seed: Annotated[int, Range(ge=0, le=2**32 - 1), "Fixes partition, sampling, init and training order."] = 0
     weighting: Annotated[Literal["method", "samples", "uniform"], "Masked-mean weights of the clients: method (as "
                          "the method's code does: uniform for heterofl, fedrolex, fd, slt, small; samples for the "

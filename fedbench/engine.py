@@ -26,7 +26,7 @@ from fedbench.method import ClientData, Context, Method
 from fedbench.models import FedModel, create_model
 from fedbench.partition import partition
 from fedbench.plan import OFFLINE, Plan, out_of_memory
-from fedbench.precision import autocast
+from fedbench.precision import autocast, choose
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
 from fedbench.registry import get_method
@@ -394,6 +394,8 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     dataset = dataset.to(device)
     build = partial(create_on, device, cfg.model, num_classes=dataset.num_classes, in_chans=dataset.in_chans,
                     img_size=dataset.img_size, **model_kwargs(cfg))
+    cfg = replace(cfg, precision=choose(cfg.precision, build, tuple(dataset.train_x.shape[1:]), dataset.num_classes,
+                                        cfg.batch_size, device))
     torch.manual_seed(cfg.seed)  # model initialisation only; the round loop uses derived generators
     method_cls = get_method(cfg.method)
     if group is not None and method_cls.keeps_client_state:

@@ -135,11 +135,11 @@ def label_mask(labels: torch.Tensor | None, num_classes: int, device: torch.devi
 
 
 @torch.no_grad()
-def static_bn(model: FedModel, dataset: Dataset, batch_size: int = 500) -> FedModel:
+def static_bn(model: FedModel, dataset: Dataset, samples: int = 0, batch_size: int = 500) -> FedModel:
     """HeteroFL's sBN statistics (§2.3, the code's ``stats()``): a copy of ``model`` whose BN
     layers track cumulative running statistics (``momentum=None``), filled by one pass over the
-    whole (un-augmented) training set in train mode; evaluated in eval mode it uses them.
-    Returns ``model`` itself when it has no BN layer."""
+    (un-augmented) training set in train mode, or its first ``samples`` images (0: all); evaluated in
+    eval mode it uses them. Returns ``model`` itself when it has no BN layer."""
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     if not any(isinstance(m, norms) for m in model.modules()):
         return model
@@ -151,8 +151,9 @@ def static_bn(model: FedModel, dataset: Dataset, batch_size: int = 500) -> FedMo
             m.register_buffer("running_mean", torch.zeros(m.num_features, device=device))
             m.register_buffer("running_var", torch.ones(m.num_features, device=device))
             m.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
-    for i in range(0, len(dataset.train_y), batch_size):
-        model(normalize(dataset.train_x[i:i + batch_size], dataset))
+    end = min(samples or len(dataset.train_y), len(dataset.train_y))
+    for i in range(0, end, batch_size):
+        model(normalize(dataset.train_x[i:min(i + batch_size, end)], dataset))
     return model
 
 
@@ -248,11 +249,17 @@ class WidthMethod(Method):
         if width < 1:
             plan = self.width_plan(width)
             model = extract(self.ctx.build, global_model, plan)
-        return static_bn(model, self.dataset) if self.recipe.sbn else model
+        return static_bn(model, self.dataset, self.sbn_samples()) if self.recipe.sbn else model
+
+    def sbn_samples(self) -> int:
+        """Training images in the sBN pass (0: all); only recipes with ``sbn`` run one."""
+        return 0
 
     def describe_eval(self) -> str:
         g = self.global_width()
         width = "full-width" if g >= 1 else f"largest client width (w={g:.4g})"
-        stats = (", BN layers (if any) with sBN statistics from one pass over the training set" if self.recipe.sbn
+        n = self.sbn_samples()
+        over = f"its first {n} images" if n and n < len(self.dataset.train_y) else "the training set"
+        stats = (f", BN layers (if any) with sBN statistics from one pass over {over}" if self.recipe.sbn
                  else ", BN layers (if any) with test-batch statistics")
         return f"top-1 accuracy of the {width} global model on the test split{stats}"

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbench.config import resolve
-from fedbench.engine import Run, prepare
 
 # CI clones the repo with ../shared beside it; tests that need the original files skip without it.
 FMNIST_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-mnist"
@@ -17,6 +15,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # `fedbench run` shares rounds over 2 processes on a multi-core CPU by default; the tests (and the fedbench
 # processes they start) run one unless they ask for more, as the tests of --processes do.
 os.environ["FEDBENCH_PROCESSES"] = "1"
+# --precision auto picks bf16 on CPUs that run it natively; the tests' figures are fp32's on every CPU (the tests
+# of auto ask for it).
+os.environ["FEDBENCH_PRECISION"] = "fp32"
+
+from fedbench.config import resolve  # noqa: E402  (after the defaults above)
+from fedbench.engine import Run, prepare  # noqa: E402
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

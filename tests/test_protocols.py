@@ -32,7 +32,8 @@ def test_heterofl_with_one_budget_evaluates_the_width_every_client_trains():
     full = run.model.full_widths
     assert evaluated.widths == {g: scaled(c, width) for g, c in full.items()}  # ceil(w C), by hand
     summary = run.execute()
-    expected = evaluate_on_test(static_bn(extract(run.ctx.build, run.model, m.width_plan(width)), run.dataset),
+    assert m.sbn_samples() == 5000 < len(run.dataset.train_y)  # the first 5,000 training images (README)
+    expected = evaluate_on_test(static_bn(extract(run.ctx.build, run.model, m.width_plan(width)), run.dataset, 5000),
                                 run.dataset)["accuracy"]
     assert summary["final_accuracy"] == expected
     assert f"w={width:.4g}" in summary["evaluation"]

@@ -117,8 +117,8 @@ def test_slt_variant_evaluates_at_the_largest_width_and_fd_can_send_a_seed():
 
 
 def test_static_bn_accumulates_training_set_statistics_and_changes_evaluation():
-    ds = load_dataset("fmnist-mini")
-    ds = replace(ds, train_x=ds.train_x[:1000], train_y=ds.train_y[:1000])
+    whole = load_dataset("fmnist-mini")
+    ds = replace(whole, train_x=whole.train_x[:1000], train_y=whole.train_y[:1000])
     build = lambda **kw: create_model("resnet20", in_chans=1, img_size=28, **kw)  # noqa: E731
     torch.manual_seed(0)
     full = build()
@@ -133,6 +133,9 @@ def test_static_bn_accumulates_training_set_statistics_and_changes_evaluation():
         x = normalize(ds.test_x[:200], ds)
         batch_stats, running = model.eval()(x), stats.eval()(x)
     assert not torch.allclose(batch_stats, running, atol=1e-3)
+    first = static_bn(model, whole, samples=1000)  # --sbn-samples 1000: the first 1,000 images, in batches of 500
+    for name, value in stats.state_dict().items():
+        torch.testing.assert_close(first.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_cli_profile_shows_one_fitting_width_per_budget(tmp_path):
