@@ -394,8 +394,10 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     dataset = dataset.to(device)
     build = partial(create_on, device, cfg.model, num_classes=dataset.num_classes, in_chans=dataset.in_chans,
                     img_size=dataset.img_size, **model_kwargs(cfg))
-    cfg = replace(cfg, precision=choose(cfg.precision, build, tuple(dataset.train_x.shape[1:]), dataset.num_classes,
-                                        cfg.batch_size, device))
+    chosen = choose(cfg.precision, build, tuple(dataset.train_x.shape[1:]), dataset.num_classes, cfg.batch_size, device)
+    if group is not None and cfg.precision == "auto":  # the processes of one run measure alike: take rank 0's
+        chosen = group.gather(chosen)[0]
+    cfg = replace(cfg, precision=chosen)
     torch.manual_seed(cfg.seed)  # model initialisation only; the round loop uses derived generators
     method_cls = get_method(cfg.method)
     if group is not None and method_cls.keeps_client_state:
