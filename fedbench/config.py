@@ -61,7 +61,8 @@ class RunConfig:
     deadline: Annotated[float | None, Range(gt=0, le=1e12), "Seconds of simulated time: a client that would finish "
                         "its round later is dropped from it (trains, but its update is not used); needs "
                         "--devices."] = None
-    eval_every: Annotated[int, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last)."] = 5
+    eval_every: Annotated[int | None, Range(ge=1, le=1_000_000), "Evaluate every N rounds (and after the last); "
+                          "default: 10 for runs of 100 rounds or more, else 5 (config.toml records it)."] = None
     eval_initial: Annotated[bool, "Also evaluate the initial global model, before round 1: the untrained baseline "
                             "(a random encoder under a linear probe); summary.json initial_accuracy, shown in the "
                             "tables as (untrained X)."] = False
@@ -189,6 +190,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     cfg = replace(cfg, **{k: check(spec, getattr(cfg, k)) for k, spec in RUN.items()})
     if cfg.out == "":
         raise ConfigError("--out", "an empty path; allowed: a folder path")
+    if cfg.eval_every is None:  # a long run spends less of its time evaluating; the last round is always evaluated
+        cfg = replace(cfg, eval_every=10 if cfg.rounds >= 100 else 5)
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")

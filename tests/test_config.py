@@ -87,3 +87,10 @@ def test_toml_values_are_checked_like_flags_ints_count_as_floats(tmp_path):
         config.write_text('method = "fedepth"\ndistill-weight = "2"\n')
         resolve({}, config)
 
+
+
+def test_eval_every_defaults_to_10_for_long_runs_and_is_recorded():
+    assert resolve({"rounds": 99}).eval_every == 5
+    assert resolve({"rounds": 100}).eval_every == 10
+    assert resolve({"rounds": 300, "eval_every": 3}).eval_every == 3
+    assert resolve({"rounds": 300}).to_dict()["eval_every"] == 10  # config.toml holds the value used
