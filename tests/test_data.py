@@ -207,6 +207,10 @@ def test_imagefolder_loads_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_decode_image", no_decoding)
     again = load_dataset(f"imagefolder:{tmp_path}")
     assert torch.equal(again.train_x, ds.train_x)
+    monkeypatch.setattr(data, "content_order", no_decoding)  # the cache holds the built splits: no re-ordering
+    cached = data._load_imagefolder(ds.name, tmp_path)      # from the disk cache, not the in-process one
+    assert all(torch.equal(getattr(cached, k), getattr(ds, k)) for k in ("train_x", "train_y", "test_x", "test_y"))
+    assert (cached.mean, cached.std, cached.augment) == (ds.mean, ds.std, ds.augment)
     monkeypatch.undo()
 
     from PIL import Image
