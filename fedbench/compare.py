@@ -137,16 +137,20 @@ def grid(spec: dict[str, Any]) -> Grid:
             flags = settings | chosen | {"method": method, "memory_budget": budget, "seed": seed,
                                          "out": str(root / name), "quiet": True}
             cfg = resolve(flags)
-            key = (cfg.dataset, cfg.data_dir, cfg.seed if cfg.dataset == "synthetic" else 0)
+            key = dataset_key(cfg)
             if key not in datasets:
                 datasets[key] = dataset_of(cfg)
             cells.append(Cell(name, for_dataset(cfg, datasets[key]), datasets[key].num_classes))
     cells.sort(key=lambda c: seeds.index(c.config.seed))  # a whole table at the first seed comes first
     one_model(cells)
-    cells = one_precision(cells, lambda cfg: datasets[(cfg.dataset, cfg.data_dir,
-                                                       cfg.seed if cfg.dataset == "synthetic" else 0)])
+    cells = one_precision(cells, lambda cfg: datasets[dataset_key(cfg)])
     check_folders(cells)
     return Grid(root, cells, jobs)
+
+
+def dataset_key(cfg: RunConfig) -> tuple:
+    """Cells with the same key load the same data (synthetic data depends on the seed)."""
+    return cfg.dataset, cfg.data_dir, cfg.seed if cfg.dataset == "synthetic" else 0
 
 
 def sweep_folder(value: Any) -> Path:
