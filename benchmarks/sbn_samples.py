@@ -23,7 +23,7 @@ from fedbench.config import resolve
 from fedbench.engine import prepare
 from fedbench.method import evaluate_on_test
 from fedbench.submodel import extract
-from methods._width import static_bn
+from fedbench.methods._width import static_bn
 
 
 def accuracy(run, model, images: slice) -> tuple[float, float]:

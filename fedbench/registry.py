@@ -1,8 +1,8 @@
-"""The registered methods (timm's layout): importing ``methods`` imports every method module, and each
-registers itself with ``fedbench.method.register_method``; here they are listed and looked up."""
+"""The registered methods (timm's layout): importing ``fedbench.methods`` (the repository's methods/) imports every
+method module, and each registers itself with ``fedbench.method.register_method``; here they are listed and looked up."""
 from __future__ import annotations
 
-import methods  # noqa: F401  (each module registers itself on import)
+import fedbench.methods  # noqa: F401  (each module registers itself on import)
 from fedbench.errors import ConfigError
 from fedbench.method import METHODS, Method
 

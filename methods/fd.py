@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from fedbench.method import register_method
-from methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions, random
+from fedbench.methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions, random
 
 
 @dataclass(frozen=True)

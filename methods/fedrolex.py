@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from fedbench.method import register_method
 from fedbench.models import scaled
-from methods._width import HETEROFL_CODE, SLT, WidthMethod, rolling
+from fedbench.methods._width import HETEROFL_CODE, SLT, WidthMethod, rolling
 
 
 @register_method

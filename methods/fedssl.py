@@ -6,7 +6,7 @@ server takes the sample-weighted mean. Its measured memory is budget 1 for the S
 from __future__ import annotations
 
 from fedbench.method import register_method
-from methods._ssl import SSLMethod
+from fedbench.methods._ssl import SSLMethod
 
 
 @register_method

@@ -31,7 +31,7 @@ from fedbench.errors import ConfigError
 from fedbench.method import register_method
 from fedbench.plan import Plan
 from fedbench.settings import Range
-from methods.lw_fedssl import LayerWise, LayerWiseOptions
+from fedbench.methods.lw_fedssl import LayerWise, LayerWiseOptions
 
 
 @dataclass(frozen=True)

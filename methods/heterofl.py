@@ -38,7 +38,7 @@ from typing import Annotated
 
 from fedbench.method import register_method
 from fedbench.settings import Range
-from methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions
+from fedbench.methods._width import HETEROFL_CODE, SLT, WidthMethod, WidthOptions
 
 
 @dataclass(frozen=True)

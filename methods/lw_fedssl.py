@@ -34,7 +34,7 @@ from fedbench.profiler import Traffic
 from fedbench.seeding import generator
 from fedbench.settings import Range
 from fedbench.submodel import build_submodel, set_trainable, tensor_bytes, uploaded
-from methods._ssl import SSLMethod, SSLModel, SSLOptions, online_macs
+from fedbench.methods._ssl import SSLMethod, SSLModel, SSLOptions, online_macs
 
 
 @dataclass(frozen=True)

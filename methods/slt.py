@@ -70,7 +70,7 @@ from fedbench.method import Method, register_method
 from fedbench.models import FedModel, scaled
 from fedbench.plan import Plan, Step
 from fedbench.submodel import build_submodel, extract, set_trainable
-from methods._width import first_k
+from fedbench.methods._width import first_k
 
 PAPER_BATCH = 32  # SLT's estimator input (memory/memory_configs_slt.py)
 S_STEP = 1000     # s is lowered in steps of 1/1000 (§5.3)

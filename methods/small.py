@@ -14,7 +14,7 @@ from fedbench.method import Method, register_method
 from fedbench.models import FedModel
 from fedbench.plan import Plan
 from fedbench.submodel import extract
-from methods._width import WIDTHS, first_k
+from fedbench.methods._width import WIDTHS, first_k
 
 
 @register_method

@@ -7,7 +7,7 @@ from fedbench.aggregate import MaskedMean
 from fedbench.models import create_model
 from fedbench.plan import Plan
 from fedbench.submodel import build_submodel, load_slices, uploaded
-from methods._width import first_k
+from fedbench.methods._width import first_k
 
 
 def cnn():

@@ -15,8 +15,8 @@ from fedbench.data import normalize
 from fedbench.engine import Observer
 from fedbench.errors import ConfigError
 from fedbench.plan import EXCLUDED, Step
-from methods.checkpointed import segments
-from methods.grad_accum import AccumTrainer
+from fedbench.methods.checkpointed import segments
+from fedbench.methods.grad_accum import AccumTrainer
 from tests.conftest import small_run
 
 FAST = dict(clients=20, clients_per_round=4, eval_every=99)  # evaluated once, after the last round

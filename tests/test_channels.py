@@ -10,7 +10,7 @@ from fedbench.models import create_model
 from fedbench.plan import Plan
 from fedbench.seeding import generator
 from fedbench.submodel import build_submodel, load_slices, uploaded
-from methods._width import first_k, random, rolling
+from fedbench.methods._width import first_k, random, rolling
 
 
 def test_first_k_is_nested_across_widths():

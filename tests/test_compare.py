@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from fedbench import compare, registry
 from fedbench.checkpoint import Checkpointer
 from fedbench.cli import app
-from methods.fedavg import FedAvg
+from fedbench.methods.fedavg import FedAvg
 
 TINY = ["--dataset", "fmnist-mini", "--model", "fedavg-cnn", "--rounds", "2", "--clients", "100", "--batch-size", "16",
         "--clients-per-round", "2", "--eval-every", "2", "--checkpoint-every", "1"]

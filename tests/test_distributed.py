@@ -23,8 +23,8 @@ from fedbench.errors import ConfigError
 from fedbench.models import create_model
 from fedbench.plan import Plan
 from fedbench.registry import list_methods
-from methods._width import first_k
-from methods.fedavg import FedAvg
+from fedbench.methods._width import first_k
+from fedbench.methods.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--clients", "12", "--clients-per-round", "5", "--rounds", "2", "--eval-every", "1", "--device", "cpu",

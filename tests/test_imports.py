@@ -1,4 +1,4 @@
-"""The import graph of ``fedbench`` and ``methods`` has no cycle, counting imports inside functions (the usual way
+"""The import graph of ``fedbench`` (its ``fedbench.methods`` live in the repository's methods/) has no cycle, counting imports inside functions (the usual way
 to dodge one) and ignoring ``TYPE_CHECKING`` blocks and a module's imports of its own parent package."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def module_imports() -> dict[str, set[str]]:
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for package in ("fedbench", "methods") for p in (ROOT / package).rglob("*.py")}
+    files = {".".join((prefix, *p.relative_to(ROOT / folder).with_suffix("").parts)).removesuffix(".__init__"): p
+             for prefix, folder in (("fedbench", "fedbench"), ("fedbench.methods", "methods"))
+             for p in (ROOT / folder).rglob("*.py")}
 
     def known(name: str) -> str | None:
         while name and name not in files:

@@ -14,7 +14,7 @@ from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.profiler import Live, Profiler
 from fedbench.submodel import build_submodel
-from methods._width import first_k
+from fedbench.methods._width import first_k
 from tests.conftest import needs_cuda
 
 

@@ -17,7 +17,7 @@ from fedbench.errors import ConfigError
 from fedbench.method import ClientData, evaluate_on_test
 from fedbench.models import scaled
 from fedbench.submodel import extract
-from methods._width import static_bn
+from fedbench.methods._width import static_bn
 from tests.conftest import small_run
 
 

@@ -15,7 +15,7 @@ from fedbench.method import evaluate_on_test
 from fedbench.models import scaled
 from fedbench.seeding import generator
 from fedbench.submodel import uploaded
-from methods.slt import round_bounds
+from fedbench.methods.slt import round_bounds
 from tests.conftest import small_run
 
 # methods-width-slt.md §5.4, ResNet-20 with R = 1000: per row of the table, the head widths s of its

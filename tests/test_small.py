@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from methods._width import WIDTHS
+from fedbench.methods._width import WIDTHS
 from tests.conftest import small_run
 
 

@@ -17,7 +17,7 @@ from fedbench.engine import Observer, prepare
 from fedbench.models import create_model
 from fedbench.seeding import generator
 from fedbench.submodel import set_trainable, uploaded
-from methods._ssl import infonce, views
+from fedbench.methods._ssl import infonce, views
 
 TINY = dict(model="vit-tiny", dataset="synthetic", clients=20, clients_per_round=1, batch_size=16,
             eval_every=100, device="cpu", quiet=True, eval_samples=200, probe_epochs=5)

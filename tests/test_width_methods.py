@@ -17,7 +17,7 @@ from fedbench.models import create_model, scaled
 from fedbench.plan import Plan
 from fedbench.seeding import sample_clients
 from fedbench.submodel import build_submodel, load_slices
-from methods._width import WIDTHS, classifier, first_k, static_bn
+from fedbench.methods._width import WIDTHS, classifier, first_k, static_bn
 from tests.conftest import small_run
 
 METHODS = ("heterofl", "fedrolex", "fd")
