@@ -16,14 +16,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from fedbench.config import EXECUTION, RunConfig, method_options, model_kwargs
+from fedbench.config import EXECUTION, RunConfig
 from fedbench.engine import Observer, Run
 from fedbench.errors import ConfigError
 from fedbench.observers import FILES, Inconsistent, check_rounds, read_logs, write_atomic
-from fedbench.registry import get_method
+from fedbench.records import Round
+from fedbench.registry import get_method, method_options, model_kwargs
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = (*FILES, CHECKPOINT, "failed.json")  # failed.json: a sweep's failed cell (fedbench.compare)
@@ -91,10 +91,6 @@ def stop_on_interrupt(checkpointer: Checkpointer, say: Callable[[], None]):
         signal.signal(signal.SIGINT, previous or signal.default_int_handler)
 
 
-def rows_of(frame: pd.DataFrame) -> list[dict]:
-    return [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
-
-
 def restore(run: Run, folder: Path) -> None:
     """Load the folder's checkpoint into a prepared run, and rounds.csv up to the checkpoint's round (rows
     written after it are dropped). Raises ConfigError, before anything is written, when there is no
@@ -119,7 +115,7 @@ def restore(run: Run, folder: Path) -> None:
         check_rounds(rounds, clients, state["round"], CHECKPOINT)
     except Inconsistent as e:
         raise ConfigError("--resume", f"{folder}: {e}, so the run cannot continue exactly; {again(folder)}") from None
-    run.load_state_dict(state, rows_of(rounds))
+    run.load_state_dict(state, Round.read(rounds))
 
 
 def again(folder: Path) -> str:

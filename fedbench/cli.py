@@ -1,7 +1,8 @@
 """``fedbench``: thin Typer commands over plain functions, one error boundary (exit code 2).
 
 The options of ``run``, ``compare`` and ``profile`` are derived from the settings' declarations
-(``fedbench.config``, each method's ``Options``, each model's keywords), never restated here.
+(``fedbench.config``, each method's ``Options``, each model's keywords: ``fedbench.registry``), never restated here.
+``run`` is a thin command over ``fedbench.launch``, which also runs each cell of ``compare``.
 Exit codes: 0 done, 1 a sweep with failed cells (``compare``) or a dead worker process (``run``), 2 bad
 input (one line, nothing written), 3 training diverged (``run``), 130 interrupted.
 """
@@ -11,21 +12,21 @@ import difflib
 import inspect
 import logging
 import sys
-import tempfile
-from contextlib import nullcontext
-from datetime import datetime
-from functools import partial, wraps
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from fedbench.config import RUN
 from fedbench.errors import ConfigError
-from fedbench.settings import flag
+from fedbench.settings import flag, parse
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -36,7 +37,7 @@ out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # unknown options: refused in one line
 OPTIONS_PANEL = "Method and model options"
-COMPARE_SETTINGS = tuple(k for k in RUN if k not in ("method", "memory_budget", "seed", "out", "quiet"))
+COMPARE_SETTINGS = tuple(k for k in RUN if k not in ("method", "memory_budget", "seed", "out", "quiet", "processes"))
 PROFILE_SETTINGS = ("method", "dataset", "data_dir", "model", "memory_budget", "batch_size", "rounds", "device", "seed")
 
 
@@ -74,11 +75,6 @@ def options(version: Annotated[bool, typer.Option("--version", callback=show_ver
     configure_logging(verbose)
 
 
-def measuring(show: bool):
-    """A spinner on stderr while ``prepare`` loads the data and measures each configuration (up to a minute)."""
-    return err.status("loading the data, measuring each configuration's memory and FLOPs") if show else nullcontext()
-
-
 def boundary(fn):
     """Turn a ConfigError into one line on stderr and exit code 2."""
     @wraps(fn)
@@ -95,7 +91,7 @@ def boundary(fn):
 def settings_of(*names: str):
     """Give the decorated command an option for each named run setting and for every method and model option;
     it receives them as ``**settings`` (text as given; None, or False for a switch, when not given)."""
-    from fedbench.config import option_specs
+    from fedbench.registry import option_specs
 
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
@@ -124,8 +120,9 @@ def option(spec, owners: list[tuple[str, object]] = ()) -> inspect.Parameter:
     bounds = f" ({spec.range})" if spec.base in (int, float) and str(spec.range) else ""
     whose = ", ".join(o for o, _ in owners)
     text = (f"{whose}: {spec.help}" if whose and spec.help else whose or spec.help) + bounds
-    metavar = ("[" + "|".join(spec.choices) + "]" if spec.choices else
-               {bool: "BOOLEAN", int: "INTEGER", float: "FLOAT", tuple: "FLOAT[,FLOAT...]"}.get(spec.base, "TEXT"))
+    kind = {bool: "BOOLEAN", int: "INTEGER", float: "FLOAT", tuple: "FLOAT[,FLOAT...]"}.get(spec.base, "TEXT")
+    words = (*spec.choices, kind) if spec.choices and spec.base is not str else spec.choices  # [auto|INTEGER]
+    metavar = "[" + "|".join(words) + "]" if words else kind
     info = typer.Option(flag(spec.name), help=text, metavar=metavar,
                         show_default=default if spec.default is not None else False,
                         rich_help_panel=OPTIONS_PANEL if owners else None)
@@ -135,8 +132,6 @@ def option(spec, owners: list[tuple[str, object]] = ()) -> inspect.Parameter:
 
 def given(ctx: typer.Context, settings: dict) -> dict:
     """The derived options as typed values (None: not given); an argument that is no option is refused."""
-    from fedbench.config import from_text
-
     if ctx.args:
         near = difflib.get_close_matches(ctx.args[0], [o for p in ctx.command.params for o in p.opts], 1)
         raise ConfigError(ctx.args[0], f"not an option of fedbench {ctx.info_name}"
@@ -145,19 +140,12 @@ def given(ctx: typer.Context, settings: dict) -> dict:
     return from_text({k: (v or None) if isinstance(v, bool) else v for k, v in settings.items()})
 
 
-def writable(folder: Path, flag: str) -> None:
-    """Refuse, before any set-up, a folder that cannot be written: one that is, or would lie under, a file, or
-    whose nearest existing folder refuses a new entry (tried with a temporary folder, removed at once)."""
-    folder = Path(folder).absolute()
-    try:
-        there = next(p for p in (folder, *folder.parents) if p.exists())
-        if there.is_dir():
-            tempfile.TemporaryDirectory(dir=there).cleanup()
-    except OSError as e:
-        raise ConfigError(flag, f"cannot write in {folder} ({e.strerror or e}); allowed: a writable folder") from None
-    if not there.is_dir():
-        raise ConfigError(flag, f"{there} is a file" + ("" if there == folder else f", so {folder} cannot be created")
-                          + "; allowed: a folder")
+def from_text(flags: dict) -> dict:
+    """Command-line flags (text, or None when not given) -> typed values, by each setting's declaration."""
+    from fedbench.registry import option_specs
+
+    known = RUN | {name: owners[0][1] for name, owners in option_specs().items()}
+    return {k: parse(known[k], v) if isinstance(v, str) and k in known else v for k, v in flags.items()}
 
 
 Config = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as the flags; flags win.")]
@@ -169,120 +157,39 @@ Target = Annotated[Optional[float], typer.Option(help="Accuracy whose simulated 
 @boundary
 @settings_of(*RUN)
 def run(ctx: typer.Context,
-        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet may be added); a finished run is refused (exit code 2).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder exactly as its config.toml says (only --quiet and --processes may be added); a finished run is refused (exit code 2).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (its files are removed first).")] = False,
-        processes: Annotated[str, typer.Option(envvar="FEDBENCH_PROCESSES", metavar="[auto|INTEGER]", help=(
-            "Processes that share each round's clients, each with cores/N threads (auto: 2 on a CPU with 2+ cores, "
-            "1 on a GPU; ignored under torchrun). Results equal one process's at the same threads per process."))] = "auto",
         config: Config = None, **settings) -> None:
     """Run one method at one budget (list) and write rounds.csv, clients.csv, summary.json.
 
     Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round. Exit code 1: a
     worker process of --processes died (killed, out of memory); rounds up to the last checkpoint are kept.
     """
-    from fedbench.checkpoint import Checkpointer, clear, held_files, stop_on_interrupt
-    from fedbench.config import resolve
-    from fedbench.distributed import WorkerDied, from_env, local_group, processes as count
-    from fedbench.engine import resolve_device
-    from fedbench.observers import Live, RunFiles
-    from fedbench.registry import get_method
+    from fedbench.distributed import WorkerDied, from_env
+    from fedbench.launch import configure, launch
 
-    if processes != "auto" and not (processes.isdigit() and int(processes) >= 1):
-        raise ConfigError("--processes", f"{processes!r} is not a process count; allowed: auto or an integer >= 1")
     flags = given(ctx, settings)
     if resume is not None:
         if overwrite or config is not None:
             raise ConfigError("--overwrite" if overwrite else "--config",
                               "not with --resume, which continues the run in its folder as its config.toml says")
         config, flags = resume_config(resume, flags)
-    cfg = resolve(flags, config)
-    folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = configure(flags, config)
     group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
-    main = group is None or group.main
-    if main:
-        writable(folder, "--out")
-    held = held_files(folder) if resume is None and not overwrite and main else []
-    if held:
-        raise ConfigError("--out", f"{folder} already holds a run ({', '.join(held)}); continue it with --resume "
-                                   f"{folder}, replace it with --overwrite, or choose another --out")
-    warn_unbudgeted(cfg)
-    n = 1 if group is not None else count(processes, resolve_device(cfg.device), cfg.clients_per_round,
-                                          not get_method(cfg.method).keeps_client_state)
-    sharing = local_group(n, partial(train_share, cfg, resume)) if n > 1 else nullcontext(lambda: None)
-    checkpoints, runner = Checkpointer(folder, cfg.checkpoint_every), None
     try:
-        with sharing as connect:
-            with measuring(not cfg.quiet and main):  # not on the other processes
-                runner = ready(cfg, resume, group or connect())
-            if overwrite and main:
-                clear(folder)
-            observers = (([RunFiles(folder), checkpoints] if main else [])
-                         + ([] if cfg.quiet or not main else [Live(err)]))
-            stopping = stop_on_interrupt(checkpoints, lambda: err.print(
-                "Ctrl-C: stopping after this round, with a checkpoint (Ctrl-C again: stop at once)"))
-            # under torchrun every process gets the Ctrl-C and stops at once; spawned workers leave it to this one
-            with stopping if group is None else nullcontext():
-                summary = runner.execute(observers)
+        summary = launch(cfg, resume=resume is not None, overwrite=overwrite, group=group, console=err)
     except KeyboardInterrupt:
-        err.print(f"interrupted after round {runner.completed if runner else 0}; {resumable(checkpoints, folder)}",
-                  highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    except WorkerDied as e:
-        err.print(f"{e} during round {runner.completed + 1 if runner else 1}; {resumable(checkpoints, folder)}",
-                  highlight=False, soft_wrap=True)
+    except WorkerDied:
         raise typer.Exit(1) from None
     if summary["status"] == "diverged":
-        err.print(f"diverged: the train loss of round {summary['diverged_round']} is {runner.rows[-1]['train_loss']} "
-                  f"(not finite); the run stopped there and {folder / 'summary.json'} says status diverged "
-                  "(a smaller --lr may help)", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
-    if not cfg.quiet and main:
-        err.print(f"results: {folder}", highlight=False)
-
-
-def resumable(checkpoints, folder: Path) -> str:
-    """The way forward after a run stopped early: its last checkpoint and the command that continues from it."""
-    if checkpoints.saved:
-        return f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
-    return ("no round was checkpointed, nothing to resume (--checkpoint-every N keeps every N-th round); start "
-            f"again with: fedbench run --config {folder / 'config.toml'} --overwrite")
-
-
-def ready(cfg, resume: Path | None, group):
-    """The prepared run (resumed from ``resume``'s checkpoint if given), sharing its rounds with ``group``."""
-    from fedbench.checkpoint import restore
-    from fedbench.engine import prepare
-
-    runner = prepare(cfg, group=group)
-    if resume is not None:
-        restore(runner, resume)
-    return runner
-
-
-def train_share(cfg, resume: Path | None, group) -> None:
-    """A spawned worker of ``run --processes``: its share of every round; rank 0 writes and reports. A bad
-    setting stops rank 0 with its message (the worker is then stopped), so the worker stays silent on it."""
-    try:
-        ready(cfg, resume, group).execute([])
-    except ConfigError:
-        pass
-
-
-def warn_unbudgeted(cfg) -> None:
-    """One line when a budget is given to a method that ignores budgets: the run records it as unbudgeted."""
-    from fedbench.budget import label
-    from fedbench.engine import unbudgeted
-    from fedbench.registry import get_method
-
-    if unbudgeted(get_method(cfg.method)) and cfg.memory_budget != (1.0,):
-        err.print(f"warning: {cfg.method} fits nothing to a memory budget (self-supervised, not budgeted): "
-                  f"--memory-budget {','.join(map(label, cfg.memory_budget))} is recorded as unbudgeted, "
-                  "no client-round counts as over budget", highlight=False, soft_wrap=True)
 
 
 def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
-    """A resumed run takes every setting from its folder's config.toml; only --quiet may be added. Not even
-    --rounds: the lr schedule, the methods' stage schedules and the last evaluation depend on the total."""
+    """A resumed run takes every setting from its folder's config.toml; only --quiet and --processes (how it
+    executes) may be added. Not even --rounds: the lr schedule, the methods' stage schedules and the last
+    evaluation depend on the total."""
     from fedbench.checkpoint import again
     from fedbench.report import read_run
 
@@ -293,12 +200,12 @@ def resume_config(folder: Path, flags: dict) -> tuple[Path, dict]:
     if done["status"] == "ok":
         raise ConfigError("--resume", f"the run in {folder} is complete ({done['rounds']} rounds done, summary.json "
                                       f"written): nothing to resume, nothing changed; {again(folder)}")
-    given = {k for k, v in flags.items() if v is not None} - {"quiet"}
+    given = {k for k, v in flags.items() if v is not None} - {"quiet", "processes"}
     if given:
         raise ConfigError("--resume", f"continues the run exactly as {path} says; drop "
                                       f"{', '.join(flag(k) for k in sorted(given))}"
                                       + (" (to train longer, start a new run)" if "rounds" in given else ""))
-    return path, {"quiet": flags["quiet"], "out": str(folder)}
+    return path, {"quiet": flags["quiet"], "processes": flags["processes"], "out": str(folder)}
 
 
 @app.command()
@@ -339,17 +246,17 @@ def describe_method(method) -> None:
 def profile(ctx: typer.Context, config: Config = None,
             csv: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None, **settings) -> None:
     """Measure training memory, FLOPs and bytes of each configuration; no training."""
-    from fedbench.config import resolve
     from fedbench.engine import prepare
+    from fedbench.launch import configure, measuring, writable
     from fedbench.report import profile_rows, render_profile
 
-    cfg = resolve(given(ctx, settings), config)
+    cfg = configure(given(ctx, settings), config)
     if csv is not None:
         if csv.is_dir():
             raise ConfigError("--csv", f"{csv} is a folder; allowed: a file name")
         writable(csv.parent, "--csv")
-    with measuring(True):
-        runner = prepare(cfg, shapes_only=True)
+    with measuring(err) as counted:
+        runner = prepare(cfg, shapes_only=True, on_measure=counted)
         rows = profile_rows(runner)
     out.print(render_profile(runner, rows))
     if csv:
@@ -365,6 +272,7 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
     """Each paper's claimed resource figures beside what fedbench measures for the same configuration
     (SLT, FEDEPTH, LW-FedSSL, Federated Dropout, HeteroFL, FedRolex); no training, about a minute on a CPU."""
     from fedbench.audit import audit as claims_audit, render, title, write
+    from fedbench.launch import writable
 
     writable(folder, "--out")
     with err.status("measuring each paper's configurations"):
@@ -392,6 +300,7 @@ def compare(ctx: typer.Context,
     """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
     from fedbench.compare import check_cells, grid, load_sweep, sweep, sweep_folder
     from fedbench.distributed import from_env
+    from fedbench.launch import writable
 
     flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds, out=out, jobs=jobs)
     if target_accuracy is not None and not 0 < target_accuracy <= 1:  # before the sweep, not after it
@@ -404,7 +313,8 @@ def compare(ctx: typer.Context,
         err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
                   f"finished" + (f"; {group.size} processes share the rest" if group else ""), highlight=False)
     try:
-        outcomes = sweep(todo, print_outcome, group)
+        with cells_bar(sum(not c.complete() for c in todo.cells) if group is None else 0) as advance:
+            outcomes = sweep(todo, lambda o: (print_outcome(o), advance()), group)
     except KeyboardInterrupt:
         err.print("interrupted; finished cells are kept: rerun the same command to continue")
         raise typer.Exit(130) from None
@@ -420,6 +330,19 @@ def compare(ctx: typer.Context,
                   "to redo them", highlight=False, soft_wrap=True)
     if failures or died:
         raise typer.Exit(1)
+
+
+@contextmanager
+def cells_bar(total: int) -> Iterator:
+    """A progress bar over the sweep's cells to run (done/total, elapsed, ETA) below the cells' outcome lines;
+    yields its ``advance`` (a no-op without cells to run)."""
+    if not total:
+        yield lambda: None
+        return
+    with Progress(TextColumn("cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("cells", total=total)
+        yield lambda: bar.advance(task)
 
 
 def print_outcome(o) -> None:

@@ -27,15 +27,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from itertools import product
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedbench.budget import label
-from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, parse_budget, resolve
+from fedbench.checkpoint import CHECKPOINT, identity
+from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, resolve
+from fedbench.engine import resolve_device
 from fedbench.errors import ConfigError
-from fedbench.registry import get_method, list_methods
+from fedbench.launch import configure, launch
+from fedbench.models import create_model
+from fedbench.precision import choose
+from fedbench.registry import get_method, list_methods, model_kwargs
 from fedbench.settings import flag
 
 if TYPE_CHECKING:
@@ -121,7 +127,7 @@ def grid(spec: dict[str, Any]) -> Grid:
         raise ConfigError(flag({v: k for k, v in ALIASES.items()}.get(empty, empty)),
                           "an empty list ([]) sweeps nothing; allowed: a non-empty list")
     methods = method_list(spec.pop("method", None))
-    budgets = [parse_budget(b) for b in as_list(spec.pop("memory_budget", 1.0))]
+    budgets = as_list(spec.pop("memory_budget", 1.0))
     seeds = [seed_value(s) for s in as_list(spec.pop("seed", 0))]
     overrides = override_tables(tables, methods)
     owners = {f.name for m in methods for f in fields(get_method(m).Options)}  # method options of the grid
@@ -133,10 +139,10 @@ def grid(spec: dict[str, Any]) -> Grid:
         axes = {k: v for k, v in settings.items() if isinstance(v, list) and k not in overrides.get(method, {})}
         for values, budget, seed in product(product(*axes.values()), budgets, seeds):
             chosen = dict(zip(axes, values))
-            name = cell_name(method, budget, seed, chosen)
-            flags = settings | chosen | {"method": method, "memory_budget": budget, "seed": seed,
-                                         "out": str(root / name), "quiet": True}
-            cfg = resolve(flags)
+            cfg = configure(settings | chosen | {"method": method, "memory_budget": budget, "seed": seed,
+                                                 "quiet": True, "processes": 1})
+            name = cell_name(method, cfg.memory_budget, seed, chosen)
+            cfg = replace(cfg, out=str(root / name))
             key = dataset_key(cfg)
             if key not in datasets:
                 datasets[key] = dataset_of(cfg)
@@ -182,13 +188,6 @@ def one_model(cells: list[Cell]) -> None:
 def one_precision(cells: list[Cell], dataset: Callable[[RunConfig], Any]) -> list[Cell]:
     """A grid never mixes precisions: ``auto`` becomes the precision its existing cells were run in, else the one
     ``--precision auto`` picks for its first cell's model (measured once); cells that still differ are refused."""
-    from functools import partial
-
-    from fedbench.config import model_kwargs
-    from fedbench.engine import resolve_device
-    from fedbench.models import create_model
-    from fedbench.precision import choose
-
     auto = [c.config for c in cells if c.config.precision == "auto"]
     if auto:
         cfg, ds = auto[0], dataset(auto[0])
@@ -290,8 +289,6 @@ def check_folders(cells: list[Cell]) -> None:
 
 def settings_differ(cfg: RunConfig, stored: Path) -> list[str]:
     """Settings of ``cfg`` that differ from the run config stored in a cell folder (those a checkpoint records)."""
-    from fedbench.checkpoint import identity
-
     try:
         old = identity(resolve({}, stored))
     except ConfigError as e:
@@ -302,25 +299,15 @@ def settings_differ(cfg: RunConfig, stored: Path) -> list[str]:
 
 # --- running -----------------------------------------------------------------------------------
 def run_cell(cell: Cell) -> Outcome:
-    """One cell: a fresh run (a corrupt folder's files are removed first), or the continuation of its
-    checkpoint; any failure is recorded, not raised."""
-    from fedbench.checkpoint import CHECKPOINT, Checkpointer, clear, restore, stop_on_interrupt
-    from fedbench.engine import prepare
-    from fedbench.observers import RunFiles
+    """One cell, in one process: the continuation of its checkpoint, or a fresh run (replacing what its folder
+    holds: a corrupt or failed run); any failure is recorded, not raised."""
     from fedbench.report import run_status
 
     folder, t0, cpu0 = cell.folder, time.perf_counter(), time.process_time()
-    corrupt = run_status(folder) == "corrupt"
+    resume = run_status(folder) != "corrupt" and (folder / CHECKPOINT).exists()
     (folder / FAILED).unlink(missing_ok=True)
     try:
-        runner = prepare(cell.config)
-        if corrupt:
-            clear(folder)
-        elif (folder / CHECKPOINT).exists():
-            restore(runner, folder)
-        checkpoints = Checkpointer(folder, cell.config.checkpoint_every)
-        with stop_on_interrupt(checkpoints, lambda: None):  # Ctrl-C: the cell's round ends, checkpointed
-            summary = runner.execute([RunFiles(folder), checkpoints])
+        summary = launch(cell.config, resume=resume, overwrite=not resume)
     except Exception as e:  # the sweep's error boundary: recorded in the cell folder and in the table
         message = f"{e.flag}: {e.message}" if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
         floor = getattr(e, "floor", None)

@@ -3,12 +3,14 @@ resolved as CLI flags > ``--config`` TOML > defaults and validated once.
 
 The CLI options of ``run``/``compare``/``profile`` (``fedbench.cli``), the checks of TOML and flag values,
 config.toml and the help text are all derived from these declarations; a method's options likewise from
-its ``Options`` dataclass, a model's from the keyword defaults of its factory.
+its ``Options`` dataclass, a model's from the keyword defaults of its factory (both: ``fedbench.registry``).
+Here each setting of the run is checked on its own and against the others; the method, the model, their
+options, the device profile and the partition are checked by the modules that own them (``fedbench.launch``
+composes the checks).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -18,8 +20,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from fedbench.budget import DEVICES
+from fedbench.devices import size
 from fedbench.errors import ConfigError
-from fedbench.settings import Range, Spec, check, flag, parse, specs
+from fedbench.settings import Range, check, env_default, specs
 
 if TYPE_CHECKING:
     from fedbench.data import Dataset
@@ -71,7 +75,7 @@ class RunConfig:
                          "autocast (activations in bfloat16, weights and updates in float32; measured as run); auto: "
                          "bf16 where the device runs it natively and a start-up measurement finds it faster, else "
                          "fp32 (config.toml records the choice; FEDBENCH_PRECISION sets the default)."] = \
-        os.environ.get("FEDBENCH_PRECISION", "auto")
+        env_default("FEDBENCH_PRECISION", "auto")
     seed: Annotated[int, Range(ge=0, le=2**32 - 1), "Fixes partition, sampling, init and training order."] = 0
     weighting: Annotated[Literal["method", "samples", "uniform"], "Masked-mean weights of the clients: method (as "
                          "the method's code does: uniform for heterofl, fedrolex, fd, slt, small; samples for the "
@@ -83,8 +87,15 @@ class RunConfig:
     client_batching: Annotated[Literal["auto", "on", "off"], "on: clients that share a plan shape train together "
                                "(vmap; same results within float tolerance); off: one at a time; auto: on on a "
                                "GPU, off on a CPU."] = "auto"
+    processes: Annotated[Literal["auto"] | int, Range(ge=1), "Processes that share each round's clients, each with "
+                         "cores/N threads; results equal one process's at the same threads per process. auto: 2 on a "
+                         "CPU with 2+ cores, 1 on a GPU (FEDBENCH_PROCESSES sets the default); ignored under torchrun "
+                         "and in compare's cells (one process each)."] = env_default("FEDBENCH_PROCESSES", "auto")
     out: Annotated[str | None, "Run folder (default results/runs/<method>-<timestamp>)."] = None
     quiet: Annotated[bool, "No progress bar and no summary table."] = False
+    log: Annotated[str | None, "Also log every round to a tracker: tensorboard (pip install 'fedbench[tensorboard]'; "
+                               "event files in the run folder's tensorboard/) or MODULE:CLASS, a "
+                               "fedbench.tracking.Tracker (Weights & Biases, MLflow: see the README)."] = None
     options: dict[str, Any] = field(default_factory=dict)  # method- and model-specific keys
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,42 +109,12 @@ DEFAULT_MODEL = "resnet20"  # of every supervised method, on every dataset: one 
 FIELDS = set(RUN)
 # How a run executes, not what it computes (results equal within float tolerance): may differ between the
 # runs of one table and when a run is continued.
-EXECUTION = {"out", "quiet", "checkpoint_every", "device", "client_batching"}
-
-
-def model_specs(name: str) -> dict[str, Spec]:
-    """A model's own options (e.g. vit-tiny's ``depth``), typed like their defaults."""
-    from fedbench.models import model_options
-    return {k: Spec(k, type(v), v) for k, v in model_options(name).items()}
-
-
-def option_specs() -> dict[str, list[tuple[str, Spec]]]:
-    """Every method and model option: name -> [(owner, declaration)], e.g. tau -> [("fedssl", ...), ...]."""
-    from fedbench.models import list_models
-    from fedbench.registry import list_methods
-
-    out: dict[str, list[tuple[str, Spec]]] = {}
-    for method in list_methods():
-        for name, spec in specs(method.Options).items():
-            out.setdefault(name, []).append((method.name, spec))
-    for model in list_models():
-        for name, spec in model_specs(model).items():
-            out.setdefault(name, []).append((f"model {model}", spec))
-    return out
-
-
-def from_text(flags: dict[str, Any]) -> dict[str, Any]:
-    """Command-line flags (text, or None when not given) -> typed values, by each setting's declaration."""
-    known = RUN | {name: owners[0][1] for name, owners in option_specs().items()}
-    return {k: parse(known[k], v) if isinstance(v, str) and k in known else v for k, v in flags.items()}
+EXECUTION = {"out", "quiet", "checkpoint_every", "device", "client_batching", "processes", "log"}
 
 
 def parse_budget(value: Any) -> tuple[float | str, ...]:
     """'0.125,0.25' or [0.125, 0.25] or 0.5 -> positive finite fractions; '8MB,16MB' -> absolute sizes, kept as
     their text without spaces ('8MB'); 'devices' (alone) -> each client's device memory."""
-    from fedbench.budget import DEVICES
-    from fedbench.devices import size
-
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     budgets = []
     for v in items:
@@ -176,18 +157,13 @@ def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> Run
     if not isinstance(options, dict):
         raise ConfigError("--config", f"options = {options!r}: must be a table of method and model options")
     options = {**options, **{k: values.pop(k) for k in list(values) if k not in FIELDS}}
-    if "memory_budget" in values:
-        values["memory_budget"] = parse_budget(values["memory_budget"])
     return validate(RunConfig(**values, options=options))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Each setting as declared (type, choices, range), then what depends on several; options typed too."""
-    from fedbench.models import create_model, list_models
-    from fedbench.partition import parse_partition
-    from fedbench.registry import get_method
-
-    cfg = replace(cfg, **{k: check(spec, getattr(cfg, k)) for k, spec in RUN.items()})
+    """Each setting as declared (type, choices, range; the budget parsed), then the rules among them."""
+    checked = {k: check(spec, getattr(cfg, k)) for k, spec in RUN.items()}
+    cfg = replace(cfg, **checked | {"memory_budget": parse_budget(cfg.memory_budget)})
     if cfg.out == "":
         raise ConfigError("--out", "an empty path; allowed: a folder path")
     if cfg.eval_every is None:  # a long run spends less of its time evaluating; the last round is always evaluated
@@ -195,53 +171,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")
-    parse_budget(cfg.memory_budget)
-    from_devices = cfg.memory_budget == ("devices",)
+    from_devices = cfg.memory_budget == (DEVICES,)
     if cfg.devices is None and (from_devices or cfg.deadline is not None):
         raise ConfigError("--memory-budget" if from_devices else "--deadline",
                           "needs --devices (a device profile: a preset, a CSV file or a spec)")
     if from_devices and cfg.budget_assignment == "per-round":
         raise ConfigError("--budget-assignment", "per-round draws from a list of budgets; --memory-budget devices "
                                                  "gives each client its device's memory; allowed here: fixed")
-    if cfg.devices is not None:
-        from fedbench.devices import assign
-        assign(cfg.devices, cfg.clients, cfg.seed)  # raises the ConfigError naming --devices
-    parse_partition(cfg.partition)
-    method = get_method(cfg.method)
-    if cfg.model is not None and cfg.model not in list_models():
-        create_model(cfg.model)  # raises the ConfigError listing the models
-    if cfg.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("--device", "cuda requested but no CUDA device is available; allowed here: auto, cpu")
-    own = specs(method.Options) | (model_specs(cfg.model) if cfg.model else {})
-    unknown = sorted(set(cfg.options) - set(own))
-    if unknown and cfg.model is not None:  # model options are known once the model is
-        allowed = sorted(flag(k) for k in own) or ["(none)"]
-        raise ConfigError(flag(unknown[0]), f"not an option of method {cfg.method!r} or model {cfg.model!r}; "
-                                            f"allowed: {', '.join(allowed)}")
-    return replace(cfg, options=cfg.options | {k: check(own[k], v) for k, v in cfg.options.items() if k in own})
-
-
-def method_options(method, cfg: RunConfig):
-    """The method's ``Options``, filled from ``cfg.options``."""
-    own = specs(method.Options)
-    return method.Options(**{k: check(own[k], v) for k, v in cfg.options.items() if k in own})
-
-
-def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """The model's own options (e.g. ``--depth`` of vit-tiny) among ``cfg.options``."""
-    own = model_specs(cfg.model)
-    return {k: check(own[k], v) for k, v in cfg.options.items() if k in own}
+    return cfg
 
 
 def for_dataset(cfg: RunConfig, dataset: "Dataset") -> RunConfig:
-    """Fill what depends on the data once it is known: the default model (then check model-specific
-    options) and ``--augment auto`` (the dataset's default, so config.toml records what was done)."""
-    from fedbench.registry import get_method
-
-    if cfg.augment == "auto":
-        cfg = replace(cfg, augment="crop-flip" if dataset.augment else "none")
-    if cfg.model is not None:
+    """``--augment auto`` made the dataset's default once the data is known, so that config.toml records what was
+    done."""
+    if cfg.augment != "auto":
         return cfg
-    return validate(replace(cfg, model=get_method(cfg.method).preferred_model or DEFAULT_MODEL))
+    return replace(cfg, augment="crop-flip" if dataset.augment else "none")

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -17,7 +18,7 @@ import torch
 
 from fedbench import batched
 from fedbench.budget import Infeasible, client_budgets, draw_budgets, fractions
-from fedbench.config import RunConfig, for_dataset, method_options, model_kwargs
+from fedbench.config import RunConfig, for_dataset
 from fedbench.data import Dataset, load_dataset, placeholder
 from fedbench.devices import Device, assign
 from fedbench.distributed import Group
@@ -29,7 +30,8 @@ from fedbench.plan import OFFLINE, Plan, out_of_memory
 from fedbench.precision import autocast, choose
 from fedbench.profiler import Profiler, Traffic, forward_macs
 from fedbench.provenance import provenance
-from fedbench.registry import get_method
+from fedbench.records import ClientRound, Round, Summary
+from fedbench.registry import check_options, get_method, method_options, model_kwargs
 from fedbench.seeding import generator, sample_clients
 from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
 
@@ -254,13 +256,14 @@ class Run:
 
     def measure(self, rnd: int, client: int, budget: float, plan: Plan, model: FedModel | None, result,
                 traffic: "Traffic") -> dict:
+        """The client-round's record (``fedbench.records.ClientRound``)."""
         budget_bytes = budget * self.ctx.full_memory
         if not plan.steps:  # excluded (offline, or dropped: out of memory): no memory used, nothing computed or sent
             record = {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
                       "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0,
                       "bytes_down": 0, "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
                       "dropped": bool(plan.option("out_of_memory"))}
-            return record | self.timing(client, record, [])
+            return ClientRound(**(record | self.timing(client, record, []))).row()
         steps = self.measured(plan, client)
         peak = max(m.peak for m in steps)
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
@@ -274,7 +277,7 @@ class Run:
         }
         if steps[0].cuda_peak is not None:
             record["cuda_peak_bytes"] = max(m.cuda_peak for m in steps)
-        return record | self.timing(client, record, result.samples)
+        return ClientRound(**(record | self.timing(client, record, result.samples))).row()
 
     def timing(self, client: int, record: dict, samples: list[int]) -> dict:
         """The client-round's simulated seconds on the client's device (none without ``--devices``): compute from
@@ -291,30 +294,19 @@ class Run:
                 "late": late} | ({"bytes_up": 0} if late else {})
 
     def round_row(self, rnd: int, lr: float, records: list[dict], metrics: dict, seconds: float) -> dict:
-        n = len(records)
-        trained = [r for r in records if not r["excluded"]]
-        peaks = [r["peak_bytes"] for r in trained] or [0]
-        return {
-            "round": rnd + 1, "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
-            "train_loss": sum(r["train_loss"] for r in trained) / len(trained) if trained else float("nan"),
-            "lr": lr,
-            "bytes_down": sum(r["bytes_down"] for r in records), "bytes_up": sum(r["bytes_up"] for r in records),
-            "train_flops": sum(r["train_flops"] for r in records),
-            "peak_max": max(peaks), "peak_mean": sum(peaks) / len(peaks),
-            "violations": sum(not r["within_budget"] for r in records), "clients": n, "trained": len(trained),
-            "dropped": sum(r["dropped"] for r in records),
-            "wall_s": seconds,
-        } | self.round_time(records)
+        """The round's row: its evaluation, its totals of the client records (``Round.totals``), its times."""
+        return Round(round=rnd + 1, accuracy=metrics.get("accuracy"), loss=metrics.get("loss"), lr=lr, wall_s=seconds,
+                     **Round.totals(records), **self.round_time(records)).row()
 
     def round_time(self, records: list[dict]) -> dict:
         """Simulated seconds of a synchronous round (none without ``--devices``): its slowest client's, or the
         deadline when a client is late; and the cumulative time of the run."""
         if self.devices is None:
             return {}
-        late = sum(r["late"] for r in records)
+        late = any(r["late"] for r in records)
         seconds = self.config.deadline if late else max((r["time_s"] for r in records if not r["excluded"]), default=0.0)
         before = self.rows[-1]["sim_time_s"] if self.rows else 0.0
-        return {"late": late, "round_s": seconds, "sim_time_s": before + seconds}
+        return {"round_s": seconds, "sim_time_s": before + seconds}
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -335,12 +327,15 @@ class Run:
         self.rows = [r for r in rows if r["round"] <= self.start_round]
 
     def summary(self) -> dict:
+        """The run's summary (``fedbench.records.Summary``); rows read back from an older rounds.csv may lack the
+        later columns."""
         evaluated = [r for r in self.rows if r["accuracy"] is not None]
         sampled = sum(r["clients"] for r in self.rows)
-        client_rounds = sum(r.get("trained", r["clients"]) for r in self.rows) or 1  # costs per client-round trained
+        trained = sum(r.get("trained", r["clients"]) for r in self.rows)
+        client_rounds = trained or 1  # costs per client-round trained
         stopped = next((r["round"] for r in self.rows if diverged(r)), None)
         cfg = self.config
-        return {
+        return Summary(**{
             "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
             "memory_budget": list(cfg.memory_budget), "rounds": len(self.rows),
             "status": "diverged" if stopped else "ok", "diverged_round": stopped,
@@ -353,7 +348,7 @@ class Run:
             "full_model_memory_bytes": self.ctx.full_memory,
             "peak_max_bytes": max((r["peak_max"] for r in self.rows), default=0),
             "violations": sum(r["violations"] for r in self.rows),
-            "excluded_client_rounds": sampled - sum(r.get("trained", r["clients"]) for r in self.rows),
+            "excluded_client_rounds": sampled - trained,
             "dropped_client_rounds": sum(r.get("dropped", 0) for r in self.rows),
             "over_budget": cfg.over_budget,
             **({"devices": cfg.devices, "deadline": cfg.deadline,
@@ -367,20 +362,20 @@ class Run:
             "processes": self.group.size if self.group is not None else 1,
             "wall_s": sum(r["wall_s"] for r in self.rows),
             "provenance": provenance(self.ctx.device),
-            "units": {"bytes": "B (decimal MB = 1e6 B in tables)",
-                      "train_flops": "FLOPs, 2 per multiply-add, conv/matmul/attention only (FlopCounterMode on meta)",
-                      "forward_macs_per_sample": "fvcore multiply-adds of the full model, one sample"},
-        }
+        }).row()
 
 
-def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = None) -> Run:
-    """Load, partition, build and measure; raises ConfigError on bad input, writes nothing.
+def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = None,
+            on_measure: Callable[[int], None] | None = None) -> Run:
+    """Check the method, model and options (``check_options``: the default model filled in), load, partition,
+    build and measure; raises ConfigError on bad input, writes nothing.
 
     ``group``: the torchrun processes that share each round's clients (see ``fedbench.distributed``).
     ``shapes_only`` (for ``fedbench profile``): only the data's shape matters, so a dataset
     whose files are missing is replaced by a stand-in of its shape, nothing is partitioned, and a budget below
     the method's measured floor is left out (``Run.infeasible``) unless every budget is.
     """
+    cfg = check_options(cfg)
     device = resolve_device(cfg.device)
     try:
         dataset = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
@@ -410,7 +405,7 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
         build_client=partial(build_submodel, client_build, model),
         sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
         batch_size=min(cfg.batch_size, max(map(len, parts)) or cfg.batch_size),  # the largest client's batch
-        device=device, seed=cfg.seed, precision=cfg.precision)
+        device=device, seed=cfg.seed, precision=cfg.precision, on_measure=on_measure)
     ctx = Context(config=cfg, dataset=dataset, model=model, build=client_build, profiler=profiler,
                   options=method_options(method_cls, cfg),
                   client_labels=[dataset.train_y[p.to(device)].unique() for p in parts], group=group)

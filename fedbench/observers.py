@@ -20,13 +20,9 @@ from fedbench.devices import describe as devices_of
 from fedbench.engine import Observer, Run
 from fedbench.errors import ConfigError
 from fedbench.partition import describe
+from fedbench.records import ClientRound, Round
 
 FILES = ("config.toml", "partition.csv", "rounds.csv", "clients.csv", "summary.json")  # what RunFiles writes
-# Columns of rounds.csv / clients.csv that summaries and reports add up: numbers, missing only where listed.
-ROUND_COLUMNS = ("round", "accuracy", "train_flops", "bytes_down", "bytes_up", "peak_max", "violations", "clients",
-                 "wall_s")
-CLIENT_COLUMNS = ("round", "peak_bytes", "budget_bytes")
-MAY_BE_MISSING = {"accuracy"}  # rounds without an evaluation
 
 
 def to_toml(values: dict) -> str:
@@ -72,9 +68,11 @@ class Inconsistent(Exception):
 
 def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """rounds.csv and clients.csv without a last line cut short (a write that did not finish); raises
-    Inconsistent if a file is unreadable or a column that is added up holds anything but numbers."""
+    Inconsistent if a file is unreadable, or lacks a required column (``fedbench.records``) or holds anything but
+    numbers in one (empty cells only where its field may be empty)."""
     frames = []
-    for name, columns in (("rounds.csv", ROUND_COLUMNS), ("clients.csv", CLIENT_COLUMNS)):
+    for name, record in (("rounds.csv", Round), ("clients.csv", ClientRound)):
+        columns, specs = record.required(), record.specs()
         try:
             frame = whole_lines(folder / name)
         except (OSError, ValueError) as e:  # missing, empty or malformed (UnicodeDecodeError is a ValueError)
@@ -83,7 +81,7 @@ def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if missing:
             raise Inconsistent(f"{name} lacks columns {', '.join(missing)}")
         bad = [c for c in columns if not pd.api.types.is_numeric_dtype(frame[c])
-               or (c not in MAY_BE_MISSING and frame[c].isna().any())]
+               or (specs[c].empty is None and frame[c].isna().any())]
         if bad:
             raise Inconsistent(f"{name} has missing or non-numeric values in {', '.join(bad)}")
         frames.append(frame)

@@ -115,8 +115,10 @@ class Profiler:
 
     def __init__(self, build_client: Callable[[Plan], FedModel],
                  sample_shape: tuple[int, ...], num_classes: int, batch_size: int,
-                 device: torch.device, seed: int = 0, precision: str = "fp32"):
+                 device: torch.device, seed: int = 0, precision: str = "fp32",
+                 on_measure: Callable[[int], None] | None = None):
         self.build_client = build_client
+        self.on_measure = on_measure  # told the count of step shapes measured after each new one (progress)
         self.precision = precision  # the run's (fedbench.precision): every measurement runs under it
         self.make_trainer: Callable[[FedModel, Plan, Step], Trainable] | None = None
         self.sample_shape = tuple(sample_shape)
@@ -152,6 +154,8 @@ class Profiler:
         if key not in self._memory:
             with autocast(self.precision, self.device):
                 self._memory[key] = self._measure(plan, plan.steps[step_index], batch)
+            if self.on_measure:
+                self.on_measure(len(self._memory))
         return self._memory[key]
 
     def _batch(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:

@@ -19,6 +19,7 @@ from fedbench.errors import ConfigError
 from fedbench.observers import Inconsistent, check_rounds, read_logs, whole_lines
 from fedbench.plan import Plan
 from fedbench.plots import write_plots
+from fedbench.records import Summary
 from fedbench.registry import get_method
 
 MB = 1e6
@@ -80,8 +81,6 @@ def fmt(v) -> str:
 # --- comparison of finished runs (fedbench compare / report) ------------------------------------
 RUN_MARKERS = ("config.toml", "summary.json", "rounds.csv", "failed.json")
 NOT_SETTINGS = {"method", "seed", "memory_budget", "eval_initial"} | EXECUTION  # eval_initial: the same training
-SUMMARY_KEYS = ("method", "seed", "memory_budget", "rounds", "final_accuracy", "violations", "peak_max_bytes",
-                "train_flops_per_client_round", "bytes_down_per_client_round", "bytes_up_per_client_round")
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
                "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
@@ -209,17 +208,20 @@ def unfinished(folder: Path, config: dict) -> dict:
 
 
 def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame) -> None:
-    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv describe the same finished run."""
-    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv describe the same finished run: it has the
+    required keys (``fedbench.records.Summary``), its numbers are numbers (int fields ints; empty only where they
+    may be)."""
+    required, numeric, specs = Summary.required(), Summary.numeric(), Summary.specs()
+    missing = [k for k in required if k not in summary]
     if missing:
         raise Inconsistent(f"summary.json lacks {', '.join(missing)}")
     for key in ("method", "seed", "memory_budget"):
         if summary[key] != config.get(key):
             raise Inconsistent(f"summary.json {key} {summary[key]!r} differs from config.toml {config.get(key)!r}")
-    for key in SUMMARY_KEYS[3:]:  # rounds and the measurements
+    for key in (k for k in required if k in numeric):
         value = summary[key]
-        number = isinstance(value, int if key == "rounds" else (int, float)) and not isinstance(value, bool)
-        if not number and not (key == "final_accuracy" and value is None):
+        number = isinstance(value, int if numeric[key] is int else (int, float)) and not isinstance(value, bool)
+        if not number and not (specs[key].empty and value is None):
             raise Inconsistent(f"summary.json {key} {value!r} is not a number")
     check_rounds(rounds, clients, summary["rounds"], "summary.json")
     evaluated = rounds["accuracy"].dropna()

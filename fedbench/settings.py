@@ -1,14 +1,16 @@
 """How a setting is declared and checked, for RunConfig (``fedbench.config``) and each method's ``Options``.
 
 A setting is a dataclass field ``name: Annotated[type, Range(...), "help"] = default``; the type is bool,
-int, float, str, ``str | None`` or a ``Literal`` of the allowed strings. ``specs`` reads the declarations,
-``parse`` turns a flag's text into the declared type, ``check`` validates a typed value (from TOML, or a
-parsed flag) and raises the ConfigError that names the flag and what is allowed.
+int, float, str, ``str | None``, a ``Literal`` of the allowed strings, or such a Literal or a number
+(``Literal["auto"] | int``). ``specs`` reads the declarations, ``parse`` turns a flag's text into the declared
+type, ``check`` validates a typed value (from TOML, or a parsed flag) and raises the ConfigError that names the
+flag and what is allowed.
 """
 from __future__ import annotations
 
 import math
 import operator
+import os
 import sys
 import types
 from dataclasses import MISSING, astuple, dataclass, fields
@@ -51,25 +53,27 @@ class Spec:
     range: Range = Range()
 
     @property
+    def kinds(self) -> tuple:
+        """The members of a union kind, else the kind alone."""
+        return get_args(self.kind) if get_origin(self.kind) in (Union, types.UnionType) else (self.kind,)
+
+    @property
     def choices(self) -> tuple[str, ...]:
-        return get_args(self.kind) if get_origin(self.kind) is Literal else ()
+        """The allowed strings of a Literal (alone, or beside a number)."""
+        return tuple(c for k in self.kinds if get_origin(k) is Literal for c in get_args(k))
 
     @property
     def base(self) -> type:
-        """The Python type of a value: str for a Literal or ``str | None``."""
-        if self.choices:
-            return str
-        if get_origin(self.kind) in (Union, types.UnionType):
-            return next(a for a in get_args(self.kind) if a is not type(None))
-        return get_origin(self.kind) or self.kind
+        """The Python type of a value: str for a Literal or ``str | None``, int for ``Literal["auto"] | int``."""
+        kind = next((k for k in self.kinds if k is not type(None) and get_origin(k) is not Literal), str)
+        return get_origin(kind) or kind
 
     @property
     def allowed(self) -> str:
-        if self.choices:
-            return ", ".join(self.choices)
         if self.base in (int, float):
-            return " ".join(filter(None, ("an integer" if self.base is int else "a finite number", str(self.range))))
-        return KINDS.get(self.base, "")
+            number = " ".join(filter(None, ("an integer" if self.base is int else "a finite number", str(self.range))))
+            return " or ".join((*self.choices, number))
+        return ", ".join(self.choices) or KINDS.get(self.base, "")
 
 
 @cache
@@ -89,8 +93,16 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def env_default(variable: str, default: str) -> str | int:
+    """A setting's default taken from the environment when set there (digits read as an integer)."""
+    value = os.environ.get(variable, default)
+    return int(value) if value.isdigit() else value
+
+
 def parse(spec: Spec, text: str) -> Any:
     """A flag's text -> a value of the declared type (``check`` then checks it like a TOML value)."""
+    if text in spec.choices:
+        return text
     try:
         if spec.base is bool:
             return {**dict.fromkeys(TRUE, True), **dict.fromkeys(FALSE, False)}[text.strip().lower()]
@@ -102,13 +114,13 @@ def parse(spec: Spec, text: str) -> Any:
 def check(spec: Spec, value: Any) -> Any:
     """A typed value (TOML, or a parsed flag) as declared, or a ConfigError naming the flag and what is allowed."""
     base, name = spec.base, flag(spec.name)
-    if (value is None and spec.default is None) or base is tuple:  # memory_budget: parse_budget
+    if (value is None and spec.default is None) or base is tuple or value in spec.choices:  # tuple: parse_budget
         return value
     given = value
     if base is float and type(value) is int:
         value = float(value) if abs(value) <= sys.float_info.max else math.inf
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(name, f"{given!r} is not {KINDS[base]}; allowed: {spec.allowed}")
-    if (spec.choices and value not in spec.choices) or (base in (int, float) and value not in spec.range):
+    if (base is str and spec.choices) or (base in (int, float) and value not in spec.range):
         raise ConfigError(name, f"{given!r} not allowed; allowed: {spec.allowed}")
     return value

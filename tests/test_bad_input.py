@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedbench import compare, engine, profiler
+from fedbench import compare, engine, launch, profiler
 from fedbench.cli import app
 from fedbench.engine import Observer
 from tests.conftest import small_run
@@ -136,7 +136,7 @@ def test_empty_sweep_axis_names_its_key(toml, flag, tmp_path):
 
 
 def test_out_that_cannot_be_written_is_refused_before_setup(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "prepare", lambda *a, **k: pytest.fail("set up before --out was checked"))
+    monkeypatch.setattr(launch, "prepare", lambda *a, **k: pytest.fail("set up before --out was checked"))
     afile = tmp_path / "[red]file"  # user text printed as given, not as rich markup
     afile.write_text("x")
     refused(fedbench("run", *TINY, "--out", afile), "--out", f"{afile} is a file")

@@ -3,16 +3,20 @@
 and config.toml, which --config reads back to the same RunConfig."""
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from fedbench import cli
-from fedbench.config import RUN, from_text, option_specs, resolve
+from fedbench import cli, config
+from fedbench.cli import from_text
+from fedbench.config import EXECUTION, RUN, resolve
 from fedbench.errors import ConfigError
+from fedbench.launch import configure
 from fedbench.observers import to_toml
-from fedbench.registry import list_methods
+from fedbench.registry import list_methods, option_specs
 from fedbench.settings import specs
 
 
@@ -25,7 +29,7 @@ def options_of(command) -> dict[str, object]:
 def test_cli_options_are_derived_from_the_declarations():
     methods = {name for m in list_methods() for name in specs(m.Options)}
     assert methods and methods <= set(option_specs())
-    own = {"run": {"resume", "overwrite", "processes", "config"}, "profile": {"config", "csv"},
+    own = {"run": {"resume", "overwrite", "config"}, "profile": {"config", "csv"},
            "compare": {"methods", "memory_budget", "seeds", "out", "jobs", "preset", "check", "target_accuracy",
                        "config"}}
     for command, settings in ((cli.run, set(RUN)), (cli.profile, set(cli.PROFILE_SETTINGS)),
@@ -67,25 +71,37 @@ def test_methods_name_lists_options_paper_and_deviations():
 def test_flags_are_typed_and_config_toml_reads_back_the_same_run(tmp_path):
     flags = {"method": "fedepth", "model": "vit-tiny", "lr": "0.1", "rounds": "7", "memory_budget": "0.5,1",
              "distill_temperature": "2", "distill": "false", "depth": "3", "quiet": True}
-    cfg = resolve(from_text(flags))
+    cfg = configure(from_text(flags))
     assert cfg.lr == 0.1 and cfg.rounds == 7 and cfg.memory_budget == (0.5, 1.0)
     assert cfg.options == {"distill_temperature": 2.0, "distill": False, "depth": 3}
     text = to_toml(cfg.to_dict())
     assert "distill-temperature = 2.0\n" in text and "distill = false\n" in text and "depth = 3\n" in text
     assert "# Client learning rate.\nlr = 0.1\n" in text
     (tmp_path / "config.toml").write_text(text)
-    stored = resolve({}, tmp_path / "config.toml")
+    stored = configure({}, tmp_path / "config.toml")
     assert stored == cfg and type(stored.options["distill_temperature"]) is float
 
 
 def test_toml_values_are_checked_like_flags_ints_count_as_floats(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('method = "fedepth"\nlr = 1\ndistill-weight = 2\n')
-    cfg = resolve({}, config)
+    cfg = configure({}, config)
     assert cfg.lr == 1.0 and type(cfg.lr) is float and cfg.options == {"distill_weight": 2.0}
+    assert type(cfg.options["distill_weight"]) is float
     with pytest.raises(ConfigError, match="'2' is not a number"):
         config.write_text('method = "fedepth"\ndistill-weight = "2"\n')
-        resolve({}, config)
+        configure({}, config)
+
+
+def test_processes_is_an_execution_setting_recorded_in_config_toml():
+    """auto or an integer >= 1, from a flag, TOML or FEDBENCH_PROCESSES (the tests' 1); like --quiet it neither
+    splits a report's tables nor blocks --resume."""
+    assert resolve({}).processes == 1 and "processes" in EXECUTION
+    assert [resolve(from_text({"processes": p})).processes for p in ("auto", "3")] == ["auto", 3]
+    assert "\nprocesses = 3\n" in to_toml(resolve({"processes": 3}).to_dict())
+    for bad in (0, "two", True, 1.5):
+        with pytest.raises(ConfigError, match="allowed: auto or an integer >= 1"):
+            resolve({"processes": bad})
 
 
 
@@ -94,3 +110,19 @@ def test_eval_every_defaults_to_10_for_long_runs_and_is_recorded():
     assert resolve({"rounds": 100}).eval_every == 10
     assert resolve({"rounds": 300, "eval_every": 3}).eval_every == 3
     assert resolve({"rounds": 300}).to_dict()["eval_every"] == 10  # config.toml holds the value used
+
+
+@pytest.mark.parametrize("flags, flag", [({"method": "nosuch"}, "--method"), ({"model": "nosuch"}, "--model"),
+                                         ({"tau": 0.1}, "--tau"), ({"partition": "nosuch"}, "--partition"),
+                                         ({"devices": "nosuch"}, "--devices")])
+def test_each_module_checks_its_own_part(flags, flag):
+    """config.py checks the run's own settings and imports nothing inside a function (once its way around import
+    cycles); the method, model and options (the registry), the partition and the device profile are checked by
+    their own modules, which ``configure`` composes."""
+    tree = ast.parse(Path(config.__file__).read_text())
+    functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    assert not [n for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    resolve(flags)
+    with pytest.raises(ConfigError) as refused:
+        configure(flags)
+    assert refused.value.flag == flag

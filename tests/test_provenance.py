@@ -67,7 +67,7 @@ def test_verbose_shows_fedbench_logs(tmp_path, default_logging):
 def test_license_and_citation_match_pyproject():
     root = provenance.SOURCE
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    assert project["license"] == {"text": "MIT"} and (root / "LICENSE").read_text().startswith("MIT License\n")
+    assert project["license"] == "MIT" and (root / "LICENSE").read_text().startswith("MIT License\n")
     citation = (root / "CITATION.cff").read_text()
     assert re.search(r"^cff-version: 1\.2\.0$", citation, re.M) and re.search(r"^title: fedbench$", citation, re.M)
     assert re.search(r"^version: (\S+)$", citation, re.M).group(1) == project["version"] == version("fedbench")
