@@ -20,7 +20,7 @@ os.environ["FEDBENCH_PROCESSES"] = "1"
 os.environ["FEDBENCH_PRECISION"] = "fp32"
 
 from fedbench.config import resolve  # noqa: E402  (after the defaults above)
-from fedbench.engine import Run, prepare  # noqa: E402
+from fedbench.engine import Observer, Run, prepare  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +39,16 @@ def small_run(**overrides) -> Run:
     """A prepared run on fmnist-mini with small defaults (override any RunConfig key or option): the fast
     norm-free cnn unless a model is given (fedbench's default model is resnet20)."""
     return prepare(resolve({**SMALL, **overrides}))
+
+
+class Records(Observer):
+    """Collects every client record of a run (``run.execute([records])``)."""
+
+    def __init__(self):
+        self.clients: list[dict] = []
+
+    def after_round(self, run, row, clients):
+        self.clients += clients
 
 
 def timing_free(rows: list[dict]) -> list[dict]:

@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 
 from fedbench import compare, engine, launch, profiler
 from fedbench.cli import app
-from fedbench.engine import Observer
-from tests.conftest import small_run
+from tests.conftest import Records, small_run
 
 TINY = ["--dataset", "synthetic", "--model", "fedavg-cnn", "--clients", "4", "--clients-per-round", "2", "--rounds", "1",
         "--device", "cpu", "--quiet"]
@@ -235,14 +234,6 @@ def test_profiler_measures_the_batch_a_client_really_uses():
     for r in records.clients:
         assert r["peak_bytes"] == huge.profiler.measure(plan, 0, sizes[r["client"]]).peak
     assert huge.profiler.measure(plan, 0, min(sizes)).peak < huge.ctx.full_memory
-
-
-class Records(Observer):
-    def __init__(self):
-        self.clients = []
-
-    def after_round(self, run, row, clients):
-        self.clients += clients
 
 
 def test_budget_given_to_a_method_that_ignores_budgets_is_recorded_unbudgeted(tmp_path):

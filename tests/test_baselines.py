@@ -12,22 +12,13 @@ from typer.testing import CliRunner
 from fedbench.budget import Infeasible
 from fedbench.cli import app
 from fedbench.data import normalize
-from fedbench.engine import Observer
 from fedbench.errors import ConfigError
 from fedbench.plan import EXCLUDED, Step
 from fedbench.methods.checkpointed import segments
 from fedbench.methods.grad_accum import AccumTrainer
-from tests.conftest import small_run
+from tests.conftest import Records, small_run
 
 FAST = dict(clients=20, clients_per_round=4, eval_every=99)  # evaluated once, after the last round
-
-
-class Records(Observer):
-    def __init__(self):
-        self.clients: list[dict] = []
-
-    def after_round(self, run, row, clients):
-        self.clients += clients
 
 
 def state(model) -> dict[str, torch.Tensor]:

@@ -9,24 +9,15 @@ from typer.testing import CliRunner
 from fedbench.budget import Infeasible
 from fedbench.cli import app
 from fedbench.data import normalize
-from fedbench.engine import Observer
 from fedbench.errors import ConfigError
 from fedbench.plan import Plan, Step
 from fedbench.submodel import extract, set_trainable
 from fedbench.methods._width import first_k
 from fedbench.methods.fjord import ODTrainer
-from tests.conftest import small_run
+from tests.conftest import Records, small_run
 
 P = (0.2, 0.4, 0.6, 0.8, 1.0)
 MIXED = "0.25,0.5,1"
-
-
-class Records(Observer):
-    def __init__(self):
-        self.clients: list[dict] = []
-
-    def after_round(self, run, row, clients):
-        self.clients += clients
 
 
 @pytest.fixture(scope="module")

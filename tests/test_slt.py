@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 from fedbench.budget import Infeasible
 from fedbench.cli import app
 from fedbench.config import resolve
-from fedbench.engine import Observer, Run, prepare
+from fedbench.engine import Run, prepare
 from fedbench.method import evaluate_on_test
 from fedbench.models import scaled
 from fedbench.seeding import generator
 from fedbench.submodel import uploaded
 from fedbench.methods.slt import round_bounds
-from tests.conftest import small_run
+from tests.conftest import Records, small_run
 
 # methods-width-slt.md §5.4, ResNet-20 with R = 1000: per row of the table, the head widths s of its
 # configurations (K_T = 1, 2, ... in order; "pre" = K_T 0), the reported memory / budget range, and
@@ -34,14 +34,6 @@ REFERENCE = {
           ([0.68, 0.83, 0.95], 0.95, 0.98, 623, 875), ([1.0], 0.86, 0.86, 876, 999)],
 }
 SUBSET_MB = {0.125: 12.0, 0.25: 24.2, 0.5: 48.6}  # §5.3: the width-s_FD model under SLT's estimator
-
-
-class Records(Observer):
-    def __init__(self):
-        self.clients: list[dict] = []
-
-    def after_round(self, run, row, clients):
-        self.clients += clients
 
 
 

@@ -12,25 +12,17 @@ from typer.testing import CliRunner
 
 from fedbench.cli import app
 from fedbench.data import load_dataset, normalize
-from fedbench.engine import Observer, Run
+from fedbench.engine import Run
 from fedbench.models import create_model, scaled
 from fedbench.plan import Plan
 from fedbench.seeding import sample_clients
 from fedbench.submodel import build_submodel, load_slices
 from fedbench.methods._width import WIDTHS, classifier, first_k, static_bn
-from tests.conftest import small_run
+from tests.conftest import Records, small_run
 
 METHODS = ("heterofl", "fedrolex", "fd")
 MIXED = "0.125,0.25,0.5,1"
 
-
-
-class Records(Observer):
-    def __init__(self):
-        self.clients: list[dict] = []
-
-    def after_round(self, run, row, clients):
-        self.clients += clients
 
 
 @pytest.fixture(scope="module")
