@@ -27,7 +27,8 @@ from fedbench.engine import prepare
 # (method, budget) of the results grid's first tier (every method at 0.25, fedavg at 1) and the cells that only
 # fit at 0.5 (tier 2); the per-round targets: 3 s at 0.25 (fedavg-accum 1.5x fedavg's round), 8 s at 1
 CELLS = [("small", 0.25), ("heterofl", 0.25), ("fedrolex", 0.25), ("fd", 0.25), ("slt", 0.25),
-         ("fedavg-accum", 0.25), ("fedepth", 0.5), ("mfedepth", 0.5), ("fedavg", 1.0)]
+         ("fedavg-accum", 0.25), ("fjord", 0.25), ("cocofl", 0.25), ("fiarse:structured", 0.25), ("fedepth", 0.5),
+         ("mfedepth", 0.5), ("fedavg", 1.0)]  # METHOD[:VARIANT]; depthfl and fiarse (paper) are infeasible at 0.25
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 EVAL_EVERY = 10
 
@@ -47,7 +48,8 @@ def cpu() -> str:
 
 
 def time_cell(method: str, budget: float, precision: str, args: Namespace) -> dict:
-    settings = {"method": method, "memory_budget": (budget,), "dataset": args.dataset, "model": "resnet20",
+    method, _, variant = method.partition(":")
+    settings = {"method": method, **({"variant": variant} if variant else {}), "memory_budget": (budget,), "dataset": args.dataset, "model": "resnet20",
                 "clients": 100, "clients_per_round": 10, "partition": "dirichlet:0.3", "batch_size": 32,
                 "rounds": args.rounds, "eval_every": args.rounds, "precision": precision, "device": "cpu",
                 "quiet": True}
@@ -80,7 +82,7 @@ def main() -> None:
     p.add_argument("--dataset", default="imagefolder:/tmp/cifar", help="CIFAR-10 (cifar10, or the JPEG copy)")
     p.add_argument("--rounds", type=int, default=3, help="rounds timed per cell (>= 3)")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--cells", default=",".join(f"{m}@{b:g}" for m, b in CELLS), help="METHOD@BUDGET,...")
+    p.add_argument("--cells", default=",".join(f"{m}@{b:g}" for m, b in CELLS), help="METHOD[:VARIANT]@BUDGET,...")
     p.add_argument("--grid-rounds", type=int, default=300)
     p.add_argument("--fmnist", action="store_true", help="also the Fashion-MNIST CNN ratios (throughput.py)")
     p.add_argument("--data-dir", default="../shared/datasets/fashion-mnist", help="--fmnist: the Fashion-MNIST files")

@@ -4,8 +4,8 @@ A sweep is a dict of run settings (preset < sweep TOML < flags). ``method``, ``m
 and ``seed`` are always sweep axes; any other key whose value is a list is one too. Each
 ``memory_budget`` item is ONE cell's budget for all its clients (a nested list is a mixed-budget
 cell). ``[overrides.METHOD]`` tables (or ``[overrides.self-supervised]``, for every method with
-``supervised = False``) hold plain settings for one method; a method option applies only to the
-methods that have it.
+``supervised = False``) hold settings for one method (a list there is an axis of that method only,
+e.g. ``variant = ["paper", "structured"]``); a method option applies only to the methods that have it.
 
 Each cell is one run folder, ``OUT/<method>/b<budget>[-<key>=<value>...]/s<seed>``. A cell that
 ``fedbench report`` lists as ok is skipped, a corrupt one runs again from scratch, an incomplete
@@ -136,7 +136,7 @@ def grid(spec: dict[str, Any]) -> Grid:
         own = {f.name for f in fields(get_method(method).Options)}
         settings = {k: v for k, v in spec.items() if k in FIELDS or k in own or k not in owners}
         settings |= overrides.get(method, {})
-        axes = {k: v for k, v in settings.items() if isinstance(v, list) and k not in overrides.get(method, {})}
+        axes = {k: v for k, v in settings.items() if isinstance(v, list)}  # an override's list: its method's axis
         for values, budget, seed in product(product(*axes.values()), budgets, seeds):
             chosen = dict(zip(axes, values))
             cfg = configure(settings | chosen | {"method": method, "memory_budget": budget, "seed": seed,

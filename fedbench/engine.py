@@ -33,7 +33,7 @@ from fedbench.provenance import provenance
 from fedbench.records import ClientRound, Round, Summary
 from fedbench.registry import check_options, get_method, method_options, model_kwargs
 from fedbench.seeding import generator, sample_clients
-from fedbench.submodel import build_submodel, load_slices, tensor_bytes, uploaded
+from fedbench.submodel import build_submodel, load_slices, uploaded
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,8 @@ class Run:
             "round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
             "config": plan.label, "peak_bytes": peak,
             "within_budget": peak <= budget_bytes or unbudgeted(type(self.method)),
-            "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model),
-            "bytes_up": tensor_bytes(uploaded(model, plan).values()), "samples": sum(result.samples),
+            "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model, self.method.sent_bytes),
+            "bytes_up": self.method.sent_bytes(uploaded(model, plan), plan), "samples": sum(result.samples),
             "train_loss": result.loss, "excluded": False, "dropped": False,
         }
         if steps[0].cuda_peak is not None:
@@ -410,7 +410,7 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
                   options=method_options(method_cls, cfg),
                   client_labels=[dataset.train_y[p.to(device)].unique() for p in parts], group=group)
     method = method_cls(ctx)
-    profiler.bind(partial(method.trainer, lr=cfg.lr))
+    profiler.bind(partial(method.trainer, lr=cfg.lr), method.sent_bytes)
     ctx.full_memory = profiler.memory_of(method.full_plan())
     devices = assign(cfg.devices, cfg.clients, cfg.seed) if cfg.devices else None
     ctx.fractions = fractions(cfg.memory_budget, ctx.full_memory, [d.memory for d in devices or ()])

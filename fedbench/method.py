@@ -19,11 +19,12 @@ from fedbench.aggregate import MaskedMean
 from fedbench.data import Dataset, normalize, train_batch
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
+from fedbench.profiler import dense_bytes
 from fedbench.submodel import set_trainable, uploaded
 
 if TYPE_CHECKING:
     from fedbench.distributed import Group
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from fedbench.config import RunConfig
     from fedbench.profiler import Profiler
@@ -205,6 +206,11 @@ class Method:
         """
         return []
 
+    def step_shares(self, plan: Plan) -> list[float]:
+        """The expected share of a client's samples that each step of ``plan`` trains, for FLOPs per sample
+        (``fedbench profile``): 1 each by default (every step passes over all local data)."""
+        return [1.0] * len(plan.steps)
+
     # --- local training -----------------------------------------------------------------
     def client_inputs(self, data: ClientData) -> dict[str, torch.Tensor]:
         """Tensors of the client's own that ``loss`` receives as keyword arguments (default: none).
@@ -238,6 +244,16 @@ class Method:
                     batches += 1
             samples.append(cfg.local_epochs * len(data))
         return TrainResult(loss=float(total) / max(batches, 1), samples=samples)
+
+    # --- communication ------------------------------------------------------------------
+    def sent_bytes(self, tensors: "Mapping[str, torch.Tensor]", plan: Plan) -> int:
+        """Bytes of sending these tensors of the plan's sub-model (named as in the global model), down or up.
+
+        Default: dense, elements x dtype size. A method that sends a sparse encoding counts its own here (the
+        engine's bytes down and up and ``Profiler.bytes_of`` call it); the tensors may be on the meta device
+        (``fedbench profile``), so only their names, shapes and dtypes may be read.
+        """
+        return dense_bytes(tensors, plan)
 
     # --- aggregation and evaluation -----------------------------------------------------
     def aggregator(self, global_model: FedModel) -> MaskedMean:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from fedbench.errors import ConfigError
 from fedbench.models.base import FedModel
 from fedbench.plan import Plan, Step
 from fedbench.precision import autocast
-from fedbench.submodel import set_trainable
+from fedbench.submodel import set_trainable, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,11 @@ def _sdpa_mapping() -> dict:
     return mapping
 
 
+def dense_bytes(tensors: Mapping[str, torch.Tensor], plan: Plan) -> int:
+    """Bytes of sending ``tensors`` dense: elements x dtype size (``Method.sent_bytes``'s default)."""
+    return tensor_bytes(tensors.values())
+
+
 class Profiler:
     """The engine's measuring service; methods only ask ``memory_of(plan)``.
 
@@ -121,6 +126,7 @@ class Profiler:
         self.on_measure = on_measure  # told the count of step shapes measured after each new one (progress)
         self.precision = precision  # the run's (fedbench.precision): every measurement runs under it
         self.make_trainer: Callable[[FedModel, Plan, Step], Trainable] | None = None
+        self.sent_bytes: Callable[[Mapping[str, torch.Tensor], Plan], int] = dense_bytes
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
         self.batch_size = batch_size
@@ -129,11 +135,14 @@ class Profiler:
         self._memory: dict[tuple, Measurement] = {}
         self._flops: dict[tuple, int] = {}
 
-    def bind(self, make_trainer: Callable[[FedModel, Plan, Step], Trainable]) -> None:
-        """Measure with ``make_trainer(model, plan, step)``: the method's ``trainer`` (once, before any measurement)."""
+    def bind(self, make_trainer: Callable[[FedModel, Plan, Step], Trainable],
+             sent_bytes: Callable[[Mapping[str, torch.Tensor], Plan], int] = dense_bytes) -> None:
+        """Measure with ``make_trainer(model, plan, step)``: the method's ``trainer`` (once, before any measurement);
+        count bytes with ``sent_bytes(tensors, plan)``, the method's encoding (default: dense)."""
         if self.make_trainer is not None:
             raise RuntimeError("the profiler is already bound to a method")
         self.make_trainer = make_trainer
+        self.sent_bytes = sent_bytes
 
     # --- memory ------------------------------------------------------------------------
     def memory_of(self, plan: Plan) -> int:
@@ -256,12 +265,12 @@ class Profiler:
         return self._flops[key]
 
     def bytes_of(self, plan: Plan) -> tuple[int, int]:
-        """Bytes down (the whole sub-model plus index overhead, stateless) and up (trained tensors)."""
+        """Bytes down (the whole sub-model plus index overhead, stateless) and up (trained tensors), each in the
+        method's encoding (``bind``'s ``sent_bytes``; dense without one)."""
         with torch.device("meta"):
             model = self.build_client(plan)
-        down = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        up = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                 if any(s.trains(n) for s in plan.steps))
+        down = self.sent_bytes(dict([*model.named_parameters(), *model.named_buffers()]), plan)
+        up = self.sent_bytes({n: p for n, p in model.named_parameters() if any(s.trains(n) for s in plan.steps)}, plan)
         return down + plan.index_bytes, up
 
     def _client(self, plan: Plan, step: Step, device: torch.device) -> Trainable:
@@ -309,11 +318,14 @@ class Traffic:
         self.version: dict[str, int] = {}
         self.held: dict[int, dict[str, tuple]] = {}
 
-    def down(self, client: int, plan: Plan, sub: FedModel, global_model: FedModel) -> int:
+    def down(self, client: int, plan: Plan, sub: FedModel, global_model: FedModel,
+             encode: Callable[[Mapping[str, torch.Tensor], Plan], int] = dense_bytes) -> int:
+        """Bytes the client receives: the plan's index overhead plus the tensors sent, in the method's encoding
+        (``encode(tensors, plan)``: ``Method.sent_bytes``)."""
         dims = global_model.param_dims()
         held = self.held.setdefault(client, {})
         index = plan.index_map
-        total = plan.index_bytes
+        sent = {}
         for name, t in [*sub.named_parameters(), *sub.named_buffers()]:
             groups = [g if isinstance(g, str) else g[0] for g in dims.get(name, ()) if g is not None]
             signature = (self.version.get(name, 0), tuple(index.get(g) for g in groups))
@@ -321,8 +333,8 @@ class Traffic:
                 continue
             if self.stateful:
                 held[name] = signature
-            total += t.numel() * t.element_size()
-        return total
+            sent[name] = t
+        return plan.index_bytes + encode(sent, plan)
 
     def state_dict(self) -> dict:
         return {"version": dict(self.version), "held": {c: dict(h) for c, h in self.held.items()}}

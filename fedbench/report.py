@@ -36,7 +36,8 @@ def plan_row(run: Run, plan: Plan) -> dict:
         "peak_MB": worst.peak / MB, "of_full": worst.peak / run.ctx.full_memory,
         "params_MB": worst.params / MB, "grads_MB": worst.grads / MB, "optimizer_MB": worst.optimizer / MB,
         "activations_MB": worst.activations / MB, "batch_MB": worst.batch / MB,
-        "train_GFLOPs_per_sample": sum(prof.train_flops(plan, i) for i in range(len(plan.steps))) / 1e9,
+        "train_GFLOPs_per_sample": sum(share * prof.train_flops(plan, i)
+                                       for i, share in enumerate(run.method.step_shares(plan))) / 1e9,
         "MB_down": down / MB, "MB_up": up / MB,
     }
     if worst.cuda_peak is not None:

@@ -207,6 +207,10 @@ class FjORD(WidthMethod):
             self._shells[p].train()
         return self._shells[p]
 
+    def step_shares(self, plan: Plan) -> list[float]:
+        """Each batch draws its width uniformly from the plan's steps: FLOPs per sample are their mean."""
+        return [1 / len(plan.steps)] * len(plan.steps)
+
     # --- local training -----------------------------------------------------------------
     def trainer(self, model: FedModel, plan: Plan, step: Step, lr: float, client: int | None = None) -> Trainer:
         return ODTrainer(self, model, plan, step, lr)

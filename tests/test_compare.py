@@ -212,6 +212,11 @@ def test_grid_axes_overrides_and_method_options(tmp_path, monkeypatch):
     assert cells["over-budget/b0.25-extra=2/s0"].options == {"extra": 2}
     assert cells["over-budget/b0.25-extra=2/s0"].lr == 0.2                      # its override replaces the lr axis
     assert not any(tmp_path.iterdir())
+    # a list in an override is an axis of that method only
+    spec = {"method": ["fedavg", "over-budget"], "memory_budget": [1], "out": str(tmp_path),
+            "overrides": {"over-budget": {"extra": [1, 2]}}}
+    assert sorted(c.name for c in compare.grid(spec).cells) == [
+        "fedavg/b1/s0", "over-budget/b1-extra=1/s0", "over-budget/b1-extra=2/s0"]
 
 
 def test_check_fails_on_a_violation_and_records_a_failed_cell(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from fedbench.cli import app
 from fedbench.data import normalize
 from fedbench.errors import ConfigError
 from fedbench.plan import Plan, Step
+from fedbench.report import plan_row
 from fedbench.submodel import extract, set_trainable
 from fedbench.methods._width import first_k
 from fedbench.methods.fjord import ODTrainer
@@ -47,6 +48,11 @@ def test_p_max_is_the_widest_p_that_fits_and_the_run_learns_within_budget(mixed)
         plan = m.width_plan(p_max)
         per_width = [run.profiler.train_flops(plan, i) for i in range(len(plan.steps))]
         assert min(per_width) * r["samples"] <= r["train_flops"] <= max(per_width) * r["samples"]
+    # fedbench profile's FLOPs per sample: the mean over the widths a client draws from (uniform draws)
+    plan = m.width_plan(m.widths[1.0])
+    row = plan_row(run, plan)
+    assert row["train_GFLOPs_per_sample"] == pytest.approx(
+        sum(run.profiler.train_flops(plan, i) for i in range(len(P))) / len(P) / 1e9)
 
 
 def test_sub_models_nest_and_the_od_forward_is_the_extracted_width_p_model(mixed):
