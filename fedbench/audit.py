@@ -3,15 +3,18 @@ same configuration, without training.
 
 Every configuration is built by the method's own code (``fedbench.engine.prepare(cfg, shapes_only=True)``,
 so CIFAR-10 shapes work offline with a stand-in) and measured by the run's profiler, as ``fedbench profile``
-does: peak training memory (live-tensor peak of one step), FLOPs (``FlopCounterMode``; fvcore forward
+does, always in fp32: peak training memory (live-tensor peak of one step), FLOPs (``FlopCounterMode``; fvcore forward
 multiply-adds where the paper quotes those) and bytes (what is sent down and up).
 
 A row: paper, configuration, quantity, claimed, measured, ratio = measured / claimed, and, where fedbench
 re-implements the paper's own accounting (SLT's memory estimator, LW-FedSSL's FLOP convention), the value
-that accounting gives (``paper_convention``). "Claimed" holds only numbers from the reference documents
-(``claim_source`` says where); a figure they do not state is left empty ("not stated"). ``why`` says in one
-line what separates the two, from the measurement's own breakdown (parameters, gradients, optimizer state,
-saved activations, batch, and the rest: working memory that is never saved for backward).
+that accounting gives (``paper_convention``). "Claimed" holds only numbers read in a citable source: the
+reference documents, or, for papers they do not cover, the authors' published figures (paper or repository, e.g.
+their Flower baseline's README); ``claim_source`` says where. A figure none of them states is left empty ("not
+stated"), with the paper's own accounting, where one follows by construction (FjORD's p^2 of a width-p
+sub-model), as ``paper_convention``. ``why`` says in one line what separates the two, from the measurement's
+own breakdown (parameters, gradients, optimizer state, saved activations, batch, and the rest: working memory
+that is never saved for backward).
 
 Batch sizes are the papers' where that is cheap on a CPU; LW-FedSSL is measured at batch 32 (its paper:
 512), said in its rows. ``quick=True`` (tests) measures every paper at a tiny batch (and LW-FedSSL with one
@@ -48,7 +51,7 @@ class Row:
     paper: str
     configuration: str
     quantity: str
-    claimed: float | None     # from the reference documents only; None: not stated there
+    claimed: float | None     # read in a cited source only (claim_source); None: not stated there
     measured: float           # fedbench's profiler
     claim_source: str
     why: str
@@ -68,7 +71,9 @@ def breakdown(m: Measurement) -> dict[str, float]:
 
 
 def _prepare(device: str, **settings) -> Run:
-    return prepare(resolve({"device": device, "quiet": True, **settings}), shapes_only=True)
+    """A shapes-only run in fp32 (the papers' precision): ``--precision auto`` would choose by a timing, so a busy
+    machine could measure one paper's configurations in bf16 and another's in fp32 (half the saved activations)."""
+    return prepare(resolve({"device": device, "quiet": True, "precision": "fp32", **settings}), shapes_only=True)
 
 
 # --- SLT -------------------------------------------------------------------------------------------
@@ -336,9 +341,192 @@ def audit_fedrolex(device: str, quick: bool) -> list[Row]:
     return rows
 
 
+# --- FjORD -----------------------------------------------------------------------------------------
+FJORD = "FjORD (Horvath et al. 2021)"
+FJORD_SETUP = ("P and batch 32 as github.com/adap/flower baselines/fjord/README.md, the authors' baseline (ResNet-18, "
+               "CIFAR-10), which states no memory, FLOP or byte figure")
+
+
+def audit_fjord(device: str, quick: bool) -> list[Row]:
+    """FjORD's width-p sub-models for p in P (the Flower baseline's P) on resnet20, CIFAR-10 shapes, batch 32 (the
+    baseline's; its ResNet-18 is not measured here), each as a client of p_max = p: parameters and fvcore forward
+    multiply-adds of the width-p model, peak training memory of the p_max = p plan (the maximum over its steps, one
+    per drawable width), bytes down and up, each over p = 1's. No source read states a figure; the nominal p^2 of a
+    width-p (first-k) sub-model stands as the paper convention."""
+    batch = 2 if quick else 32
+    run = _prepare(device, method="fjord", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=1)
+    fj, prof, full = run.method, run.profiler, run.ctx.full_memory
+    params0, macs0, down0 = width_costs(run, 1.0)
+    _, up0 = prof.bytes_of(fj.width_plan(1.0))
+    P = ", ".join(f"{p:g}" for p in fj.P)
+    rows = []
+    for p in fj.P:
+        plan = fj.width_plan(p)
+        params, macs, down = width_costs(run, p)
+        _, up = prof.bytes_of(plan)
+        steps = [prof.measure(plan, i) for i in range(len(plan.steps))]
+        top = max(range(len(steps)), key=lambda i: steps[i].peak)
+        widest = breakdown(steps[top])
+        c = (f"resnet20, CIFAR-10 shapes, batch {batch}, P = {P} ({FJORD_SETUP}); width p = {p:g} (p_max = {p:g}, "
+             "ceil(pK) channels)")
+        rounding = (f"{agree(params / params0, p * p)} from p^2: ceil(pK) keeps at least pK channels (16 x {p:g} -> "
+                    f"{math.ceil(round(16 * p, 9))}), the input's 3 channels and the 10 classifier rows stay")
+        rows += [
+            Row(FJORD, c, "parameters / full model's", None, params / params0, NOT_STATED, rounding, p * p),
+            Row(FJORD, c, "forward FLOPs / full model's (fvcore multiply-adds)", None, macs / macs0, NOT_STATED,
+                f"{agree(macs / macs0, p * p)} from p^2: every conv's in and out channels scale with p, the stem's "
+                "input does not", p * p),
+            Row(FJORD, c, "peak training memory / full model's", None, max(s.peak for s in steps) / full, NOT_STATED,
+                f"about p, not p^2: the step p = {fj.allowed(p)[top]:g} peaks; its saved activations "
+                f"({widest['activations']:.1f} MB, width x batch) outweigh p_max-sized params, grads and SGD state "
+                f"({widest['params']:.2f} MB each, ~p^2); the steps' peaks: "
+                f"{', '.join(f'{s.peak / MB:.1f}' for s in steps)} MB", p * p),
+            Row(FJORD, c, "bytes down / full model's", None, down / down0, NOT_STATED,
+                "the dense p_max sub-model (fp32), as its parameter ratio", p * p),
+            Row(FJORD, c, "bytes up / full model's", None, up / up0, NOT_STATED,
+                "the whole p_max sub-model is uploaded whatever widths were drawn (the baseline's choice)", p * p),
+        ]
+    return rows
+
+
+# --- DepthFL ---------------------------------------------------------------------------------------
+DEPTHFL = "DepthFL (Kim et al. 2023)"
+DEPTHFL_VRAM = ("github.com/adap/flower baselines/depthfl/README.md (the first author's baseline) states only that, "
+                "with the default settings (ResNet18, CIFAR-100, batch 50), clients use 1.3 GB of GPU "
+                "memory: not this configuration")
+
+
+def audit_depthfl(device: str, quick: bool) -> list[Row]:
+    """DepthFL's depth-d local models (``depth_plan``: stem, levels 1..d and their d exits, all trained) on resnet20
+    (3 stages: depths 1-3; the paper's ResNet-18 has 4), CIFAR-10 shapes, batch 50 (the baseline README's): the
+    parameters a depth-d client trains and sends, its measured peak training memory, bytes up and training FLOPs
+    per sample (forward and backward, ``FlopCounterMode``), each over the full depth's. Nothing read states such a
+    figure per depth."""
+    batch = 2 if quick else 50
+    run = _prepare(device, method="depthfl", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=1)
+    df, prof, full = run.method, run.profiler, run.ctx.full_memory
+    n = len(df.levels)
+    _, up0 = prof.bytes_of(df.full_plan())
+    flops0 = prof.train_flops(df.full_plan())
+    rows = []
+    for d in range(1, n + 1):
+        plan = df.depth_plan(d)
+        step = plan.steps[0]
+        with torch.device("meta"):
+            model = prof.build_client(plan)
+        trained = {name: t.numel() for name, t in model.named_parameters() if step.trains(name)}
+        exits = sum(v for name, v in trained.items() if ".exit." in name)
+        m = prof.measure(plan, 0)
+        part = breakdown(m)
+        _, up = prof.bytes_of(plan)
+        flops = prof.train_flops(plan)
+        c = (f"resnet20 ({n} stages = {n} depths; paper: ResNet-18, 4), CIFAR-10 shapes (paper: CIFAR-100), batch "
+             f"{batch}; depth {d}/{n}: blocks {step.blocks[0]}-{step.blocks[-1]}, {d} exit{'s' if d > 1 else ''}")
+        vram = f"; {DEPTHFL_VRAM}" if d == n else ""
+        rows += [
+            Row(DEPTHFL, c, "parameters trained and sent, M", None, sum(trained.values()) / 1e6, NOT_STATED,
+                f"stem, level{'s 1-' if d > 1 else ' '}{d} and {exits / 1e3:.1f}k parameters of shallow exits"
+                + (" and the model's head" if d == n else "; the deeper stages hold most weights (channels x2, x4)")),
+            Row(DEPTHFL, c, "peak training memory / full depth's", None, m.peak / full, NOT_STATED,
+                f"saved activations {part['activations']:.1f} MB (the first stage, at full resolution, and exit 1 "
+                f"hold most), params {part['params']:.2f}, grads {part['grads']:.2f}, optimizer "
+                f"{part['optimizer']:.2f}, other {part['other']:.1f} MB{vram}"),
+            Row(DEPTHFL, c, "bytes up / full depth's", None, up / up0, NOT_STATED,
+                "the trained tensors (fp32): stem, levels and exits up to depth d"),
+            Row(DEPTHFL, c, "training FLOPs per sample / full depth's", None, flops / flops0, NOT_STATED,
+                f"{flops / 1e9:.3f} of {flops0 / 1e9:.3f} GFLOPs (forward and backward, FlopCounterMode): every "
+                "stage costs about the same (channels x2, resolution /4), plus the exits"),
+        ]
+    return rows
+
+
+# --- CoCoFL ----------------------------------------------------------------------------------------
+COCOFL = "CoCoFL (Pfeiffer et al. 2023)"
+COCOFL_SOURCE = ("github.com/k1l1/CoCoFL nets/QuantizedNets/ResNet/tables/table__CoCoFL_arm_QResNet18.json: the "
+                 "authors' profiled configurations of QResNet18 (units 0 input layer, 1-8 blocks, 9 linear), memory "
+                 "and data relative to full training (ARM device, batch not stated)")
+# trained units (first, last) -> (memory, data) of the table's entry that freezes every other unit
+COCOFL_CLAIMS = {(9, 9): (0.21917, 0.00046), (0, 0): (0.556, 0.00017), (5, 9): (0.61411, 0.93945),
+                 (0, 4): (0.73592, 0.06055)}
+
+
+def audit_cocofl(device: str, quick: bool) -> list[Row]:
+    """The table's configurations on preresnet18 (stem, 8 blocks, head: the same 10 units as the code's
+    QResNet18), CIFAR-10 shapes, batch 32, built and measured by cocofl's own trainer (frozen units int8)."""
+    batch = 2 if quick else 32
+    run = _prepare(device, method="cocofl", model="preresnet18", dataset="cifar10", batch_size=batch, memory_budget=1)
+    m, prof, full = run.method, run.profiler, run.ctx.full_memory
+    _, up0 = prof.bytes_of(m.full_plan())
+    rows = []
+    for (a, b), (memory, data) in COCOFL_CLAIMS.items():
+        plan = m.config_plan(a, b)
+        meas = prof.measure(plan, 0)
+        part = breakdown(meas)
+        _, up = prof.bytes_of(plan)
+        config = (f"preresnet18, CIFAR-10 shapes, batch {batch}; {plan.label} (units {a}-{b} of 0-9 trained, "
+                  "the rest frozen int8)")
+        rows += [
+            Row(COCOFL, config, "peak training memory / full model's", memory, meas.peak / full, COCOFL_SOURCE,
+                f"live tensors: params {part['params']:.1f} (frozen ones int8), grads {part['grads']:.1f}, "
+                f"optimizer {part['optimizer']:.1f}, activations {part['activations']:.1f}, other "
+                f"{part['other']:.1f} MB (simulated int8: frozen units run in float one at a time; units after the "
+                "run save their int8 input, the code float ReLU outputs); the table: ARM, int8 kernels, folded BN"),
+            Row(COCOFL, config, "bytes up / full model's", data, up / up0, COCOFL_SOURCE,
+                f"{agree(up / up0, data)}: trained float32 parameters only (preresnet18's stem has no BN)"),
+        ]
+    return rows
+
+
+# --- FIARSE ----------------------------------------------------------------------------------------
+FIARSE = "FIARSE (Wu et al. 2024)"
+FIARSE_SOURCE = ("github.com/HarliWu/FIARSE README: sub-model sizes --model-size 1.0 0.25 0.0625 0.015625 (the "
+                 "fraction of parameters a client keeps, by construction); the README states no memory or byte figure")
+
+
+def audit_fiarse(device: str, quick: bool) -> list[Row]:
+    """FIARSE's published (element-wise) form on resnet20, CIFAR-10 shapes, batch 20 (the README's --bsz; the
+    paper's ResNet-18 is not measured here), at the README's four sub-model sizes p. The nominal size p (the fraction
+    of parameters kept, the method's own accounting) stands as the paper convention beside what is measured:
+    the parameters the mask keeps (claimed = p by construction), peak training memory and bytes sent, each over
+    the p = 1 configuration's (its full model)."""
+    from fedbench.methods.fiarse import PAPER_SIZES, masked_names
+
+    batch = 4 if quick else 20
+    run = _prepare(device, method="fiarse", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=1)
+    fi, prof, full = run.method, run.profiler, run.ctx.full_memory
+    down0, up0 = prof.bytes_of(fi.density_plan(1.0))
+    config = f"resnet20, CIFAR-10 shapes, batch {batch}, --variant paper (element-wise mask); nominal size p = {{p:g}}"
+    fedavg = _prepare(device, method="fedavg", model="resnet20", dataset="cifar10", batch_size=batch,
+                      memory_budget=1).ctx.full_memory
+    rows = [Row(FIARSE, config.format(p=1), "peak training memory / FedAvg's full model", None, full / fedavg,
+                NOT_STATED, "the masked copy of every conv/linear weight that each forward saves for backward")]
+    for p in PAPER_SIZES:
+        plan = fi.density_plan(p)
+        held = fi.held(p)
+        kept = sum(int(h.sum()) for h in held.values()) / sum(h.numel() for h in held.values())
+        m = prof.measure(plan, 0)
+        part = breakdown(m)
+        down, up = prof.bytes_of(plan)
+        c = config.format(p=p)
+        rows += [
+            Row(FIARSE, c, "conv/linear parameters kept / all", p, kept, FIARSE_SOURCE,
+                f"one global threshold over {len(masked_names(run.model))} conv/linear tensors; norms not masked"),
+            Row(FIARSE, c, "peak training memory / full model's", None, m.peak / full, NOT_STATED,
+                f"dense tensors with zeros: params {part['params']:.1f}, grads {part['grads']:.1f}, optimizer "
+                f"{part['optimizer']:.1f}, activations {part['activations']:.1f} MB as at p = 1; a budget below "
+                "this is refused", paper_convention=p),
+            Row(FIARSE, c, "bytes up / full model's", None, up / up0, NOT_STATED,
+                "kept values + 1-bit-per-element bitmap per masked tensor (dense where smaller); norms dense",
+                paper_convention=p),
+            Row(FIARSE, c, "bytes down / full model's", None, down / down0, NOT_STATED,
+                "the sparse sub-model, encoded as the upload", paper_convention=p),
+        ]
+    return rows
+
+
 PAPERS: dict[str, Callable[[str, bool], list[Row]]] = {
     SLT: audit_slt, FEDEPTH: audit_fedepth, LW: audit_lw_fedssl, FD: audit_fd, HETEROFL: audit_heterofl,
-    FEDROLEX: audit_fedrolex}
+    FEDROLEX: audit_fedrolex, FJORD: audit_fjord, DEPTHFL: audit_depthfl, FIARSE: audit_fiarse, COCOFL: audit_cocofl}
 
 
 def audit(device: str = "cpu", quick: bool = False) -> pd.DataFrame:
@@ -389,12 +577,13 @@ def markdown(rows: pd.DataFrame, header: str) -> str:
 def title(device: str) -> str:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
                        else device)
-    return (f"fedbench claims audit, {date.today():%Y-%m-%d}, {device_name(dev)}, torch {torch.__version__}: "
+    return (f"fedbench claims audit, {date.today():%Y-%m-%d}, {device_name(dev)}, torch {torch.__version__}, fp32: "
             "measured / claimed (MB = 1e6 B unless the quantity says otherwise)")
 
 
-READING = ("Written by `fedbench audit`. ratio = measured / claimed. *claimed* holds only figures from the "
-           "reference documents (*claim source*), \"not stated\" where they give none; *paper convention*: the "
+READING = ("Written by `fedbench audit`. ratio = measured / claimed. *claimed* holds only figures read in a "
+           "cited source (the reference documents or the authors' paper or repository: *claim source*), \"not "
+           "stated\" where none gives one; *paper convention*: the "
            "paper's own accounting as fedbench re-implements it (SLT's memory estimator, LW-FedSSL's FLOP count); "
            "*why*: what separates measured from claimed, from the measurement's breakdown.")
 

@@ -270,7 +270,8 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
           device: Annotated[str, typer.Option(help="Where to measure: cpu (the committed table), cuda or auto.",
                                               metavar="[auto|cpu|cuda]")] = "cpu") -> None:
     """Each paper's claimed resource figures beside what fedbench measures for the same configuration
-    (SLT, FEDEPTH, LW-FedSSL, Federated Dropout, HeteroFL, FedRolex); no training, about a minute on a CPU."""
+    (SLT, FEDEPTH, LW-FedSSL, Federated Dropout, HeteroFL, FedRolex, FjORD, DepthFL, FIARSE, CoCoFL); no
+    training, a few minutes on a CPU."""
     from fedbench.audit import audit as claims_audit, render, title, write
     from fedbench.launch import writable
 

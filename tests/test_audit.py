@@ -87,3 +87,35 @@ def test_bad_device_is_refused_in_one_line_before_anything_is_written(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--device" in lines[0], result.output
     assert not (tmp_path / "claims").exists()
+
+
+def test_fjord_and_depthfl_rows_hold_their_invariants():
+    # called directly (not through the module fixture), at the quick batch of 2
+    fjord = pd.DataFrame([vars(r) for r in claims.audit_fjord("cpu", quick=True)])
+    assert (fjord["paper"] == claims.FJORD).all() and fjord["claimed"].isna().all()
+    assert (fjord["claim_source"] == claims.NOT_STATED).all()
+    widths = [0.2, 0.4, 0.6, 0.8, 1.0]
+
+    def series(quantity: str) -> list[float]:
+        return [pick(fjord, claims.FJORD, f"width p = {p:g} ", quantity)["measured"] for p in widths]
+
+    params = series("parameters")
+    for p, kept in zip(widths, params):
+        # ceil(pK) channels: at least p^2 of the parameters, at most 15% over (16 x 0.2 -> 4 channels)
+        assert p * p - 1e-9 <= kept <= 1.15 * p * p, (p, kept)
+    memory = series("peak training memory")
+    assert memory == sorted(memory) and len(set(memory)) == len(memory) and memory[-1] == pytest.approx(1.0)
+    assert series("bytes up") == pytest.approx(params) and series("bytes down") == pytest.approx(params)
+    assert series("forward FLOPs")[-1] == pytest.approx(1.0)
+
+    depthfl = pd.DataFrame([vars(r) for r in claims.audit_depthfl("cpu", quick=True)])
+    assert (depthfl["paper"] == claims.DEPTHFL).all() and depthfl["claimed"].isna().all()
+    assert (depthfl["measured"] > 0).all()
+
+    def by_depth(quantity: str) -> list[float]:
+        return [pick(depthfl, claims.DEPTHFL, f"depth {d}/3", quantity)["measured"] for d in (1, 2, 3)]
+
+    memory, up, flops = (by_depth(q) for q in ("peak training memory", "bytes up", "training FLOPs"))
+    assert memory == sorted(memory) and memory[0] < memory[-1] == pytest.approx(1.0)
+    assert up == sorted(up) and up[-1] == pytest.approx(1.0) and flops[-1] == pytest.approx(1.0)
+    assert flops == sorted(flops) and by_depth("parameters") == sorted(by_depth("parameters"))

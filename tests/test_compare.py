@@ -245,7 +245,7 @@ def test_smoke_check_passes_and_fails_alike_under_1_and_2_threads(threads, tmp_p
         return subprocess.run([sys.executable, "-m", "fedbench", "compare", "--preset", "smoke", "--check", *args],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
-    learned = smoke("--methods", "slt,fedssl", "--out", str(tmp_path / "learned"))
+    learned = smoke("--methods", "slt", "--out", str(tmp_path / "learned"))  # every method: CI's smoke step
     assert learned.returncode == 0, learned.stderr[-3000:]
     still = smoke("--methods", "slt", "--lr", "1e-9", "--out", str(tmp_path / "still"))
     assert still.returncode == 1

@@ -48,11 +48,10 @@ def test_heterofl_scaler_rate_is_relative_to_the_largest_client_width():
     assert small_run(method="heterofl", memory_budget="0.25,1", rounds=1).method.global_width() == 1.0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_federated_dropout_at_0125_stays_finite_on_a_norm_free_model(seed):
-    """Unclipped (the SLT authors' FD, ``--variant slt``) this federation diverges to NaN in every seed (rounds
-    24, 9 and 15 for seeds 0, 1, 2)."""
-    run = small_run(method="fd", model="fedavg-cnn", memory_budget="0.125", rounds=30, eval_every=30, seed=seed,
+def test_federated_dropout_at_0125_stays_finite_on_a_norm_free_model():
+    """Unclipped (the SLT authors' FD, ``--variant slt``) this federation diverges to NaN in every seed tried
+    (rounds 24, 9 and 15 for seeds 0, 1, 2); seed 1 is run here, past its divergence round."""
+    run = small_run(method="fd", model="fedavg-cnn", memory_budget="0.125", rounds=15, eval_every=15, seed=1,
                     partition="dirichlet:0.3", local_epochs=3, clients=20, clients_per_round=4)
     assert run.method.grad_clip == 1.0
     summary = run.execute()
