@@ -19,7 +19,8 @@ FjORD (paper §4), as fedbench runs it:
   own); the gradient lands in the p_max tensors' prefix (zeros elsewhere) and the optimizer steps the whole
   p_max model, as the Flower baseline's ``ODConv2d``/``ODLinear`` (sliced weights, one optimizer over the net).
   ``sampled[client]`` records the widths drawn in the client's latest local training.
-- **Self-distillation (optional, off by default: ``--self-distill``).** Per batch, as the Flower baseline's
+- **Self-distillation (optional, off by default as in the authors' Flower baseline, whose default run has none and
+  ``+train_mode=fjord_kd`` adds it: ``--self-distill``).** Per batch, as the Flower baseline's
   ``train(know_distill=True)``: the p_max sub-model's cross-entropy on the labels is back-propagated, then the
   sampled width-p model's cross-entropy against the p_max output's softmax (detached) is back-propagated, and
   one optimizer step follows. The Flower baseline (which the authors contributed) leaves it a required switch
