@@ -327,7 +327,7 @@ def record_failure(cell: Cell, message: str, trace: str = "", floor: float | Non
 
     cell.folder.mkdir(parents=True, exist_ok=True)
     if not (cell.folder / "config.toml").exists():
-        write_atomic(cell.folder / "config.toml", to_toml(cell.config.to_dict()))
+        write_atomic(cell.folder / "config.toml", to_toml(cell.config.settings()))
     record = {"error": message, "traceback": trace} | ({} if floor is None else {"infeasible_floor": floor})
     write_atomic(cell.folder / FAILED, json.dumps(record, indent=1))
 

@@ -103,6 +103,11 @@ class RunConfig:
         d["memory_budget"] = list(self.memory_budget)
         return {k: v for k, v in d.items() if v is not None}
 
+    def settings(self) -> dict[str, Any]:
+        """The run settings and the method's and model's options in one flat dict, as config.toml lists them."""
+        d = self.to_dict()
+        return d | d.pop("options")
+
 
 RUN = {k: s for k, s in specs(RunConfig).items() if k != "options"}  # the run settings
 DEFAULT_MODEL = "resnet20"  # of every supervised method, on every dataset: one model for a comparison

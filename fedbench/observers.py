@@ -26,17 +26,16 @@ FILES = ("config.toml", "partition.csv", "rounds.csv", "clients.csv", "summary.j
 
 
 def to_toml(values: dict) -> str:
-    """A flat TOML document (strings, numbers, booleans, lists of those), each run setting under its help as a
-    comment; re-usable with --config."""
+    """A flat TOML document (strings, numbers, booleans, lists of those) of ``RunConfig.settings()``, each run
+    setting under its help as a comment; re-usable with --config."""
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return json.dumps(v) if isinstance(v, str) else repr(v)
-    flat = {k: v for k, v in values.items() if k != "options"} | values.get("options", {})
     return "".join((f"# {RUN[k].help}\n" if k in RUN else "") + f"{k.replace('_', '-')} = {fmt(v)}\n"
-                   for k, v in flat.items() if v is not None)
+                   for k, v in values.items() if v is not None)
 
 
 @contextmanager
@@ -124,7 +123,7 @@ class RunFiles(Observer):
 
     def on_start(self, run: Run) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        cfg = run.config.to_dict() | {"out": str(self.out)}
+        cfg = run.config.settings() | {"out": str(self.out)}
         write_atomic(self.out / "config.toml", to_toml(cfg))
         if run.start_round == 0:
             table = describe(run.parts, run.dataset.train_y.cpu(), run.dataset.num_classes)

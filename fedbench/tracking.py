@@ -87,9 +87,7 @@ class Tracking(Observer):
         self.tracker, self.folder = tracker, Path(folder)
 
     def on_start(self, run: Run) -> None:
-        settings = run.config.to_dict()
-        settings |= settings.pop("options") | {"out": str(self.folder)}  # as config.toml lists them
-        self.tracker.start(self.folder, run.start_round + 1, settings)
+        self.tracker.start(self.folder, run.start_round + 1, run.config.settings() | {"out": str(self.folder)})
 
     def after_round(self, run: Run, row: dict, clients: list[dict]) -> None:
         self.tracker.log(row["round"], numbers(row))

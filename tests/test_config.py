@@ -74,7 +74,7 @@ def test_flags_are_typed_and_config_toml_reads_back_the_same_run(tmp_path):
     cfg = configure(from_text(flags))
     assert cfg.lr == 0.1 and cfg.rounds == 7 and cfg.memory_budget == (0.5, 1.0)
     assert cfg.options == {"distill_temperature": 2.0, "distill": False, "depth": 3}
-    text = to_toml(cfg.to_dict())
+    text = to_toml(cfg.settings())
     assert "distill-temperature = 2.0\n" in text and "distill = false\n" in text and "depth = 3\n" in text
     assert "# Client learning rate.\nlr = 0.1\n" in text
     (tmp_path / "config.toml").write_text(text)
@@ -98,7 +98,7 @@ def test_processes_is_an_execution_setting_recorded_in_config_toml():
     splits a report's tables nor blocks --resume."""
     assert resolve({}).processes == 1 and "processes" in EXECUTION
     assert [resolve(from_text({"processes": p})).processes for p in ("auto", "3")] == ["auto", 3]
-    assert "\nprocesses = 3\n" in to_toml(resolve({"processes": 3}).to_dict())
+    assert "\nprocesses = 3\n" in to_toml(resolve({"processes": 3}).settings())
     for bad in (0, "two", True, 1.5):
         with pytest.raises(ConfigError, match="allowed: auto or an integer >= 1"):
             resolve({"processes": bad})
