@@ -289,7 +289,7 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
 @settings_of(*COMPARE_SETTINGS)
 def compare(ctx: typer.Context,
             methods: Annotated[Optional[str], typer.Option(help="Comma list of methods, or all (every registered one).")] = None,
-            memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory, or sizes such as 8MB, or devices): each cell gives ONE of them to all its clients.")] = None,
+            memory_budget: Annotated[Optional[str], typer.Option(help="Budgets to sweep, comma list (fractions of the full model's measured training memory, or sizes such as 8MB, or devices): each cell gives ONE of them to all its clients; 0.25+0.5+1 is one mixed cell (equal client groups).")] = None,
             seeds: Annotated[Optional[str], typer.Option(help="Comma list of seeds (default 0).")] = None,
             out: Annotated[Optional[str], typer.Option(metavar="PATH", help="Sweep folder, one run folder per cell; rerun the same command to continue.")] = None,
             jobs: Annotated[Optional[int], typer.Option(help="Cells run at once in separate processes (default 1: in turn, also on a GPU).")] = None,

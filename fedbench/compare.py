@@ -127,7 +127,8 @@ def grid(spec: dict[str, Any]) -> Grid:
         raise ConfigError(flag({v: k for k, v in ALIASES.items()}.get(empty, empty)),
                           "an empty list ([]) sweeps nothing; allowed: a non-empty list")
     methods = method_list(spec.pop("method", None))
-    budgets = as_list(spec.pop("memory_budget", 1.0))
+    budgets = [b.split("+") if isinstance(b, str) and "+" in b else b  # 0.25+0.5+1: one mixed cell (as its folder)
+               for b in as_list(spec.pop("memory_budget", 1.0))]
     seeds = [seed_value(s) for s in as_list(spec.pop("seed", 0))]
     overrides = override_tables(tables, methods)
     owners = {f.name for m in methods for f in fields(get_method(m).Options)}  # method options of the grid

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from fedbench import batched
-from fedbench.budget import Infeasible, client_budgets, draw_budgets, fractions
+from fedbench.budget import DEVICES, Infeasible, client_budgets, draw_budgets, fractions
 from fedbench.config import RunConfig, for_dataset
 from fedbench.data import Dataset, load_dataset, placeholder
 from fedbench.devices import Device, assign
@@ -260,7 +260,7 @@ class Run:
         budget_bytes = budget * self.ctx.full_memory
         if not plan.steps:  # excluded (offline, or dropped: out of memory): no memory used, nothing computed or sent
             record = {"round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
-                      "config": plan.label, "peak_bytes": 0, "within_budget": True, "train_flops": 0,
+                      "config": plan.label, "peak_bytes": 0, "of_budget": 0.0, "within_budget": True, "train_flops": 0,
                       "bytes_down": 0, "bytes_up": 0, "samples": 0, "train_loss": float("nan"), "excluded": True,
                       "dropped": bool(plan.option("out_of_memory"))}
             return ClientRound(**(record | self.timing(client, record, []))).row()
@@ -269,7 +269,7 @@ class Run:
         flops = sum(self.profiler.train_flops(plan, i) * n for i, n in enumerate(result.samples))
         record = {
             "round": rnd + 1, "client": client, "budget": budget, "budget_bytes": int(budget_bytes),
-            "config": plan.label, "peak_bytes": peak,
+            "config": plan.label, "peak_bytes": peak, "of_budget": peak / max(1, int(budget_bytes)),
             "within_budget": peak <= budget_bytes or unbudgeted(type(self.method)),
             "train_flops": flops, "bytes_down": traffic.down(client, plan, model, self.model, self.method.sent_bytes),
             "bytes_up": self.method.sent_bytes(uploaded(model, plan), plan), "samples": sum(result.samples),
@@ -337,7 +337,9 @@ class Run:
         cfg = self.config
         return Summary(**{
             "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
-            "memory_budget": list(cfg.memory_budget), "rounds": len(self.rows),
+            "memory_budget": list(cfg.memory_budget),
+            "budget_fractions": [] if DEVICES in cfg.memory_budget else list(self.ctx.fractions),
+            "rounds": len(self.rows),
             "status": "diverged" if stopped else "ok", "diverged_round": stopped,
             "unbudgeted": unbudgeted(type(self.method)),
             "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
@@ -347,7 +349,10 @@ class Run:
             "notes": self.method.notes(len(self.rows)), "warnings": self.method.warnings(len(self.rows)),
             "full_model_memory_bytes": self.ctx.full_memory,
             "peak_max_bytes": max((r["peak_max"] for r in self.rows), default=0),
+            "of_budget_max": max(r["of_budget_max"] for r in self.rows)
+            if self.rows and all("of_budget_max" in r for r in self.rows) else None,
             "violations": sum(r["violations"] for r in self.rows),
+            "client_rounds": sampled,
             "excluded_client_rounds": sampled - trained,
             "dropped_client_rounds": sum(r.get("dropped", 0) for r in self.rows),
             "over_budget": cfg.over_budget,

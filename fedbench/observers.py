@@ -65,12 +65,16 @@ class Inconsistent(Exception):
     """A run folder whose files are unreadable or disagree with each other."""
 
 
-def read_logs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_logs(folder: Path, clients: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """rounds.csv and clients.csv without a last line cut short (a write that did not finish); raises
     Inconsistent if a file is unreadable, or lacks a required column (``fedbench.records``) or holds anything but
-    numbers in one (empty cells only where its field may be empty)."""
+    numbers in one (empty cells only where its field may be empty). ``clients=False``: clients.csv may be absent
+    (a results folder keeps config.toml, rounds.csv and summary.json only); then None."""
     frames = []
     for name, record in (("rounds.csv", Round), ("clients.csv", ClientRound)):
+        if name == "clients.csv" and not clients and not (folder / name).exists():
+            frames.append(None)
+            continue
         columns, specs = record.required(), record.specs()
         try:
             frame = whole_lines(folder / name)
@@ -93,11 +97,13 @@ def whole_lines(path: Path) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
 
 
-def check_rounds(rounds: pd.DataFrame, clients: pd.DataFrame, n: int, source: str) -> None:
-    """Raise Inconsistent unless ``rounds`` holds rounds 1..n and ``clients`` exactly their client-rounds; the
-    message names the rounds a file lacks."""
+def check_rounds(rounds: pd.DataFrame, clients: pd.DataFrame | None, n: int, source: str) -> None:
+    """Raise Inconsistent unless ``rounds`` holds rounds 1..n and ``clients`` (if any) exactly their client-rounds;
+    the message names the rounds a file lacks."""
     if rounds["round"].tolist() != list(range(1, n + 1)):
         raise Inconsistent(f"rounds.csv has {len(rounds)} rounds, {source} says {n}" + lacking(range(1, n + 1), rounds))
+    if clients is None:
+        return
     client_rounds = int(rounds["clients"].sum())
     if len(clients) != client_rounds or set(clients["round"]) != set(rounds["round"]):
         raise Inconsistent(f"clients.csv has {len(clients)} client-rounds, rounds.csv says {client_rounds}"

@@ -2,8 +2,8 @@
 
 - accuracy vs memory budget: one line per method, error bars = std over seeds, over-budget points ringed;
 - accuracy vs round, vs cumulative MB communicated and (runs with ``--devices``) vs simulated time: one panel
-  per budget, one line per method (mean over seeds). Self-supervised methods (linear-probe accuracy) are drawn
-  dashed.
+  per budget, one line per method (mean over seeds, a band from the lowest to the highest seed). Self-supervised
+  methods (linear-probe accuracy) are drawn dashed.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def accuracy_vs_budget(cells, colors: dict[str, str]) -> Figure:
 
 
 def accuracy_vs(curves, x: str, xlabel: str, colors: dict[str, str]) -> Figure:
-    """One panel per budget, one line per method: the mean over seeds at each round."""
+    """One panel per budget, one line per method: the mean over seeds at each round, and a band from the lowest to
+    the highest seed."""
     budgets = budget_order(curves["budget"])
     cols = min(max(len(budgets), 1), 4)
     rows = -(-max(len(budgets), 1) // cols)
@@ -82,15 +83,19 @@ def accuracy_vs(curves, x: str, xlabel: str, colors: dict[str, str]) -> Figure:
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     for ax, budget in zip(axes, budgets):
         for row, c in curves[curves["budget"] == budget].groupby("row", sort=False):
-            mean = c.groupby("round")[[x, "accuracy"]].mean()
+            by_round = c.groupby("round")
+            mean = by_round[[x, "accuracy"]].mean()
             ax.plot(mean[x], mean["accuracy"], color=colors[row], **style(bool(c["supervised"].iloc[0])),
                     markersize=3, label=row + ("" if c["supervised"].iloc[0] else " (linear probe)"))
+            if c["folder"].nunique() > 1:  # the band: lowest to highest seed at each round
+                ax.fill_between(mean[x], by_round["accuracy"].min(), by_round["accuracy"].max(),
+                                color=colors[row], alpha=0.2, linewidth=0)
         ax.set_title(f"memory budget {budget}")
         ax.grid(alpha=0.3)
     for ax in axes[len(budgets):]:
         ax.set_visible(False)
     fig.supxlabel(xlabel)
-    fig.supylabel("test accuracy (mean over seeds)")
+    fig.supylabel("test accuracy (mean over seeds; band: lowest to highest seed)")
     handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
     if handles:
         fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right center")

@@ -120,6 +120,7 @@ class ClientRound(Record):
                                  "out of memory (...))")
     peak_bytes: int = column("B", "measured peak training memory, max over the configuration's steps (0: trained "
                                   "nothing)", required=True)
+    of_budget: float = column("fraction", "peak_bytes / budget_bytes (0: trained nothing)")
     within_budget: bool = column("bool", "peak_bytes <= budget_bytes, or the method is unbudgeted")
     train_flops: int = column("FLOPs", "training FLOPs: each step's measured FLOPs per sample x the samples it ran")
     bytes_down: int = column("B", "bytes it received")
@@ -153,6 +154,7 @@ class Round(Record):
                               rollup=Rollup("sum", "train_flops"))
     peak_max: int = column("B", "largest client peak", required=True, rollup=Rollup("max", "peak_bytes", trained=True))
     peak_mean: float = column("B", "mean client peak", rollup=Rollup("mean", "peak_bytes", trained=True, empty=0.0))
+    of_budget_max: float = column("fraction", "largest client peak / its budget", rollup=Rollup("max", "of_budget"))
     violations: int = column("count", "client-rounds over budget", required=True,
                              rollup=Rollup("count", "within_budget", value=False))
     clients: int = column("count", "clients sampled", required=True, rollup=Rollup("count"))
@@ -179,6 +181,8 @@ class Summary(Record):
     dataset: str = column("text", "the dataset")
     seed: int = column("-", "the seed", required=True)
     memory_budget: list = column("list", "--memory-budget as given: fractions, sizes or devices", required=True)
+    budget_fractions: list = column("list", "each client group's budget as a fraction of full_model_memory_bytes "
+                                            "(empty under devices: one per client)")
     rounds: int = column("count", "rounds run", required=True)
     status: str = column("text", "ok, or diverged (a round's train loss not finite: the run stopped)")
     diverged_round: int | None = column("index", "the round it diverged in", empty="unless it diverged")
@@ -192,7 +196,10 @@ class Summary(Record):
     warnings: list = column("list", "the method's warnings (parts of the model never trained, ...)")
     full_model_memory_bytes: int = column("B", "measured training memory of the full model: budget 1")
     peak_max_bytes: int = column("B", "largest client peak", required=True)
+    of_budget_max: float | None = column("fraction", "largest client peak / its budget, over all client-rounds",
+                                         empty="when a resumed run's earlier rounds.csv lacks of_budget_max")
     violations: int = column("count", "client-rounds over budget", required=True)
+    client_rounds: int = column("count", "client-rounds sampled")
     excluded_client_rounds: int = column("count", "client-rounds that trained nothing")
     dropped_client_rounds: int = column("count", "client-rounds out of memory (--over-budget drop)")
     over_budget: str = column("text", "--over-budget: record or drop")

@@ -85,7 +85,8 @@ NOT_SETTINGS = {"method", "seed", "memory_budget", "eval_initial"} | EXECUTION  
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
                "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
-               "sim_s", "target_s", "best_accuracy", "initial_accuracy", "left_out", "settings", "path"]
+               "sim_s", "target_s", "best_accuracy", "initial_accuracy", "left_out", "gain", "settings", "path"]
+GAIN_ROUNDS = 50  # has the curve flattened: the final accuracy minus the evaluation this many rounds earlier
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Comparison:
     runs: pd.DataFrame    # one per run folder: status ok | infeasible | failed | incomplete | corrupt, problem, measurements
     curves: pd.DataFrame  # one per (ok run, round): accuracy, cumulative MB down + up, simulated seconds
     cells: pd.DataFrame   # one per (row, budget): mean / std over seeds, worst memory, mean costs, simulated time
+    pairs: pd.DataFrame   # one per (budget, row a, row b): seeds both finished, a's wins, mean a - b (``pairwise``)
     target: float | None = None  # --target-accuracy of the time-to-accuracy table
 
 
@@ -118,7 +120,8 @@ def compare_runs(root: str | Path, target: float | None = None) -> Comparison:
     keys = runs[["folder", "model", "row", "budget", "supervised"]]
     curves = (pd.concat(curves).merge(keys, on="folder") if curves
               else pd.DataFrame(columns=[*keys, "round", "accuracy", "cum_MB", "sim_s"]))
-    return Comparison(runs, curves, cell_stats(runs), target)
+    pairs = pairwise(runs)
+    return Comparison(runs, curves, cell_stats(runs, pairs), pairs, target)
 
 
 def run_status(folder: Path) -> str:
@@ -142,25 +145,21 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
         if not (folder / "summary.json").exists():
             return row | unfinished(folder, config), None
         summary = read_json_or_toml(folder / "summary.json")
-        rounds, clients = read_logs(folder)
+        rounds, clients = read_logs(folder, clients=False)
         consistent(config, summary, rounds, clients)
+        rollups = client_rollups(summary, rounds, clients)
     except Inconsistent as e:
         return row | {"status": "corrupt", "problem": str(e)}, None
     mb = (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / MB
     sim = rounds["sim_time_s"] if "sim_time_s" in rounds else pd.Series(float("nan"), index=rounds.index)
     reached = rounds.loc[rounds["accuracy"] >= target, "sim_time_s"] if target is not None and "sim_time_s" in rounds else ()
-    out = pd.Series(False, index=clients.index)  # left out of a round: excluded, offline, dropped or late
-    for column in ("excluded", "dropped", "late"):   # (older runs lack the later columns)
-        if column in clients:
-            out |= clients[column].astype(bool)
     if len(budget) == 1 and budget[0] != DEVICES:  # an absolute size as the fraction it was (one for all clients)
-        row["budget_value"] = float(clients["budget"].iloc[0])
+        row["budget_value"] = rollups.pop("budget_fraction")
     return row | {
         "status": "ok", "problem": "", "rounds": summary["rounds"], "final_accuracy": summary["final_accuracy"],
         "evaluation": summary.get("evaluation", ""), "violations": summary["violations"],
-        "dropped": summary.get("dropped_client_rounds", 0) / max(1, len(clients)),  # share of sampled client-rounds
-        "peak_MB": summary["peak_max_bytes"] / MB,
-        "peak_of_budget": float((clients["peak_bytes"] / clients["budget_bytes"]).max()),
+        "dropped": summary.get("dropped_client_rounds", 0) / max(1, int(rounds["clients"].sum())),
+        "peak_MB": summary["peak_max_bytes"] / MB, "peak_of_budget": rollups["peak_of_budget"],
         "train_GFLOPs": summary["train_flops_per_client_round"] / 1e9,
         "MB_down": summary["bytes_down_per_client_round"] / MB, "MB_up": summary["bytes_up_per_client_round"] / MB,
         "wall_s": summary.get("wall_s"), "diverged": summary.get("diverged_round"),
@@ -169,8 +168,39 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
         "sim_s": float(sim.iloc[-1]), "target_s": float(reached.iloc[0]) if len(reached) else float("nan"),
         "best_accuracy": summary.get("best_accuracy"),
         "initial_accuracy": summary.get("initial_accuracy", float("nan")),  # --eval-initial
-        "left_out": clients.loc[out, "client"].nunique() / clients["client"].nunique(),  # of the clients sampled
+        "left_out": rollups["left_out"], "gain": gain(rounds),
     }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_s": sim})
+
+
+def gain(rounds: pd.DataFrame) -> float:
+    """The last evaluation's accuracy minus the evaluation GAIN_ROUNDS rounds before it (NaN without one)."""
+    evaluated = rounds.dropna(subset=["accuracy"]).set_index("round")["accuracy"]
+    if evaluated.empty or evaluated.index[-1] - GAIN_ROUNDS not in evaluated.index:
+        return float("nan")
+    return float(evaluated.iloc[-1] - evaluated[evaluated.index[-1] - GAIN_ROUNDS])
+
+
+def client_rollups(summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame | None) -> dict:
+    """The largest peak / budget, the share of sampled client-rounds left out (excluded by the method, offline,
+    out of memory or late) and the first client group's budget as a fraction: from summary.json, or from
+    clients.csv for a run whose summary.json predates those keys."""
+    sampled = max(1, int(rounds["clients"].sum()))
+    if summary.get("of_budget_max") is not None and "budget_fractions" in summary:
+        peak, fractions = summary["of_budget_max"], summary["budget_fractions"]
+        if not isinstance(peak, (int, float)) or not isinstance(fractions, list):
+            raise Inconsistent(f"summary.json of_budget_max {peak!r} or budget_fractions {fractions!r} is malformed")
+        left_out = summary.get("excluded_client_rounds", 0) + summary.get("late_client_rounds", 0)
+        return {"peak_of_budget": float(peak), "left_out": left_out / sampled,
+                "budget_fraction": float(fractions[0]) if fractions else float("nan")}
+    if clients is None:
+        raise Inconsistent("summary.json lacks of_budget_max and budget_fractions (an older fedbench wrote it) "
+                           "and there is no clients.csv to take them from")
+    out = pd.Series(False, index=clients.index)
+    for column in ("excluded", "dropped", "late"):   # (older runs lack the later columns)
+        if column in clients:
+            out |= clients[column].astype(bool)
+    return {"peak_of_budget": float((clients["peak_bytes"] / clients["budget_bytes"]).max()),
+            "left_out": float(out.mean()), "budget_fraction": float(clients["budget"].iloc[0])}
 
 
 def budget_of(config: dict) -> tuple[float | str, ...]:
@@ -208,8 +238,8 @@ def unfinished(folder: Path, config: dict) -> dict:
             "problem": f"no summary.json; {done} of {config.get('rounds', '?')} rounds in rounds.csv"}
 
 
-def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame) -> None:
-    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv describe the same finished run: it has the
+def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame | None) -> None:
+    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv (where kept) describe the same finished run: it has the
     required keys (``fedbench.records.Summary``), its numbers are numbers (int fields ints; empty only where they
     may be)."""
     required, numeric, specs = Summary.required(), Summary.numeric(), Summary.specs()
@@ -269,9 +299,10 @@ def has_text(column: pd.Series) -> pd.Series:
     return column.notna() & (column.astype(str) != "")
 
 
-def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
+def cell_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Runs per (row, budget): how many finished (seeds), failed or are missing (runs - seeds - failed);
-    accuracy mean/std over the finished seeds, worst memory, mean costs. Only cells with a finished or an
+    accuracy mean/std over the finished seeds, worst memory, mean costs, the mean gain over the last GAIN_ROUNDS
+    rounds and the paired ``order`` in its table column (``orderings``). Only cells with a finished or an
     infeasible run: a cell of failed, incomplete or corrupt runs alone is no row of the tables (``problems``
     lists its runs)."""
     done = runs[runs["method"].notna()]
@@ -289,10 +320,48 @@ def cell_stats(runs: pd.DataFrame) -> pd.DataFrame:
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
         dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
         reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"),
-        initial_accuracy=("initial_accuracy", "mean"), left_out=("left_out", "mean")).reset_index()
+        initial_accuracy=("initial_accuracy", "mean"), left_out=("left_out", "mean"),
+        gain=("gain", "mean")).reset_index()
     cells = cells[(cells["seeds"] > 0) | (cells["infeasible"] > 0)]
+    cells = cells.assign(order=orderings(cells, pairs))
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
                              ascending=[False, True, True, True, True], ignore_index=True)
+
+
+def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every ordered pair of rows (a, b) of one table column (model, budget) compared seed by seed: the seeds both
+    finished without diverging, in how many a's final accuracy is above b's, and the mean of a - b. The seeds share
+    the partition and the client sampling across methods, so a paired comparison is the fair one."""
+    ok = runs[(runs["status"] == "ok") & runs["diverged"].isna() & runs["final_accuracy"].notna()]
+    out = []
+    for key, col in ok.groupby(CELL_KEYS[:1] + CELL_KEYS[2:], sort=False):
+        acc = col.pivot_table(index="seed", columns="row", values="final_accuracy", aggfunc="first")
+        for a, b in ((a, b) for a in acc.columns for b in acc.columns if a != b):
+            both = acc[[a, b]].dropna()
+            if len(both):
+                diff = both[a] - both[b]
+                out.append(dict(zip(("model", "supervised", "budget"), key), a=a, b=b, seeds=len(both),
+                                wins=int((diff > 0).sum()), mean_diff=float(diff.mean())))
+    return pd.DataFrame(out, columns=["model", "supervised", "budget", "a", "b", "seeds", "wins", "mean_diff"])
+
+
+def orderings(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.Series:
+    """Per table column (model, budget) of several seeds: ``best`` on the cell of highest mean accuracy, ``below`` on
+    every cell whose accuracy is below the best one's in each of at least two seeds they share (``pairwise``), else
+    empty. Cells that diverged take no part."""
+    order = pd.Series("", index=cells.index, dtype=object)
+    fair = cells[(cells["seeds"] > 0) & (cells["diverged"] == 0)]
+    for (model, supervised, budget), col in fair.groupby(["model", "supervised", "budget"], sort=False):
+        best = col["accuracy_mean"].idxmax()
+        if col.at[best, "seeds"] < 2:
+            continue
+        order[best] = "best"
+        lead = pairs[(pairs["model"] == model) & (pairs["supervised"] == supervised) & (pairs["budget"] == budget)
+                     & (pairs["a"] == cells.at[best, "row"])].set_index("b")
+        for i, row in col["row"].items():
+            if row in lead.index and 2 <= lead.at[row, "seeds"] == lead.at[row, "wins"]:
+                order[i] = "below"
+    return order
 
 
 def over(c) -> str:
@@ -310,7 +379,8 @@ def fmt_accuracy(c) -> str:
     """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; infeasible (floor X): the
     budget is below the method's measured floor on this model (none finished); diverged (training stopped at a
     NaN/inf loss; (diverged/finished) when not every seed did); (untrained X): the same evaluation of the initial
-    model (--eval-initial), mean over seeds."""
+    model (--eval-initial), mean over seeds; ▲ the best mean of its column, ▼ below that best in every seed they
+    share (at least two; ``orderings``)."""
     if c.seeds == 0:
         return infeasible(c)
     if c.diverged:
@@ -318,7 +388,8 @@ def fmt_accuracy(c) -> str:
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
     part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
     untrained = f" (untrained {c.initial_accuracy:.4f})" if pd.notna(c.initial_accuracy) else ""
-    return f"{c.accuracy_mean:.4f}{spread}{part}{untrained}{marks(c)}"
+    order = {"best": " ▲", "below": " ▼"}.get(c.order, "")
+    return f"{c.accuracy_mean:.4f}{spread}{part}{untrained}{order}{marks(c)}"
 
 
 def infeasible(c) -> str:
@@ -337,11 +408,15 @@ def fmt_memory(c) -> str:
 
 
 TABLES = {  # file stem: (title, cell text, which rows: True supervised, False self-supervised, None all)
-    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (! = a client exceeded its memory budget, dropped X% "
-                 "= client-rounds that ran out of memory under --over-budget drop, * = see Warnings)",
+    "accuracy": ("Final top-1 accuracy, mean ± std over seeds (▲ = best mean of the column, ▼ = below it in every "
+                 "paired seed, at least 2; ! = a client exceeded its memory budget, dropped X% = client-rounds that ran "
+                 "out of memory under --over-budget drop, * = see Warnings)",
                  fmt_accuracy, True),
     "accuracy_ssl": ("Self-supervised methods: final linear-probe accuracy (see runs.csv evaluation), mean ± std "
                      "over seeds (! = over budget)", fmt_accuracy, False),
+    "gain": (f"Accuracy gain over the last {GAIN_ROUNDS} rounds (final minus the evaluation {GAIN_ROUNDS} rounds "
+             "earlier), mean over seeds: near 0 = the curve has flattened; - = no evaluation that early",
+             lambda c: "-" if c.seeds == 0 or pd.isna(c.gain) else f"{c.gain:+.4f}", None),
     "memory": ("Peak client training memory, MB, max over client-rounds (in brackets: peak / budget, max)",
                fmt_memory, None),
     "flops": ("Training GFLOPs per client-round (mean over seeds)",
@@ -375,8 +450,8 @@ def time_tables(comp: Comparison) -> dict[str, tuple[str, object, None]]:
                                    "above it; mean over the seeds that reached it; --devices time model)", fmt_time_to, None)
     out["simulated_time"] = ("Simulated time of the whole run (sum of round times: slowest client, or the deadline)",
                              lambda c: "-" if c.seeds == 0 else duration(c.sim_s), None)
-    out["left_out"] = ("Share of the sampled clients ever left out of a round: excluded by the method, offline, out "
-                       "of memory (--over-budget drop) or late (--deadline); mean over seeds",
+    out["left_out"] = ("Share of the sampled client-rounds left out: excluded by the method, offline, out of memory "
+                       "(--over-budget drop) or late (--deadline); mean over seeds",
                        lambda c: "-" if c.seeds == 0 else f"{c.left_out:.0%}", None)
     return out
 
@@ -402,8 +477,49 @@ def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
                      .pivot(index="row", columns="budget", values="text")
                      .reindex(index=cells["row"].unique(), columns=[b for b in budgets if b in set(cells["budget"])])
                      .fillna("-").rename(columns=header))
+            if (table == "-").all().all():  # nothing to show (e.g. no run long enough for the gain)
+                continue
             table.index.name, table.columns.name = "method", None
             out[name if len(models) == 1 else f"{name}-{model}"] = (f"{title}; {model} on {data}", table)
+    return out
+
+
+def paired_tables(comp: Comparison) -> list[tuple[str, pd.DataFrame]]:
+    """For each table column (model, budget) with a cell of two seeds or more: the ranking (accuracy, the paired
+    comparison with the best cell, the gain over the last GAIN_ROUNDS rounds, peak / budget) and the pairwise
+    table (row a beats column b in k of n shared seeds, mean a - b)."""
+    out = []
+    cells = comp.cells[(comp.cells["seeds"] > 0) & (comp.cells["diverged"] == 0)]
+    for (model, supervised, budget), col in cells.groupby(["model", "supervised", "budget"], sort=False):
+        if col["seeds"].max() < 2:
+            continue
+        col = col.sort_values("accuracy_mean", ascending=False)
+        pairs = comp.pairs[(comp.pairs["model"] == model) & (comp.pairs["supervised"] == supervised)
+                           & (comp.pairs["budget"] == budget)]
+        best = col["row"].iloc[0]
+        versus = pairs[pairs["a"] == best].set_index("b")
+
+        def against(row: str) -> str:
+            if row == best:
+                return "best"
+            if row not in versus.index:
+                return "no shared seed"
+            v = versus.loc[row]
+            return f"below in {v.wins}/{v.seeds} seeds, {-v.mean_diff:+.4f}"
+
+        ranking = pd.DataFrame({"method": col["row"], "accuracy": [fmt_accuracy(c) for c in col.itertuples()],
+                                "seeds": col["seeds"], "vs best (paired by seed)": col["row"].map(against),
+                                f"gain, last {GAIN_ROUNDS} rounds": [fmt(g) if pd.isna(g) else f"{g:+.4f}"
+                                                                      for g in col["gain"]],
+                                "peak / budget": [fmt_memory(c) for c in col.itertuples()]}).set_index("method")
+        matrix = (pairs.assign(text=[f"{w}/{n}, {d:+.4f}" for w, n, d in zip(pairs["wins"], pairs["seeds"],
+                                                                             pairs["mean_diff"])])
+                  .pivot(index="a", columns="b", values="text").reindex(index=col["row"], columns=col["row"])
+                  .fillna("-"))
+        matrix.index.name, matrix.columns.name = "a (row) vs b (column)", None
+        where = f"{model}, budget {budget}, {col['seeds'].max()} seeds"
+        out += [(f"Ranking at {where} (paired by seed: the seeds share partition and client sampling)", ranking),
+                (f"Pairwise at {where}: a beats b in k of n shared seeds, mean a - b", matrix)]
     return out
 
 
@@ -456,6 +572,10 @@ def write_comparison(comp: Comparison, folder: str | Path) -> list[Path]:
         pivot.to_csv(folder / f"{name}.csv")
         paths.append(folder / f"{name}.csv")
         doc += [f"## {title}\n", markdown(pivot)]
+    comp.pairs.to_csv(folder / "pairwise.csv", index=False)
+    paths.append(folder / "pairwise.csv")
+    for title, table in paired_tables(comp):
+        doc += [f"## {title}\n", markdown(table)]
     evaluation = comp.runs[comp.runs["status"] == "ok"].drop_duplicates(["row", "evaluation"])
     doc += ["## Evaluation\n", "".join(f"- {r.row}: {r.evaluation}\n" for r in evaluation.itertuples())]
     warned = comp.runs[has_text(comp.runs["warnings"])].drop_duplicates(["row", "budget", "warnings"])

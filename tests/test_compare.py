@@ -217,6 +217,10 @@ def test_grid_axes_overrides_and_method_options(tmp_path, monkeypatch):
             "overrides": {"over-budget": {"extra": [1, 2]}}}
     assert sorted(c.name for c in compare.grid(spec).cells) == [
         "fedavg/b1/s0", "over-budget/b1-extra=1/s0", "over-budget/b1-extra=2/s0"]
+    # the flag's 0.25+0.5+1 is one mixed cell, named as its folder
+    spec = {"method": "fedavg", "memory_budget": "0.5,0.25+0.5+1", "out": str(tmp_path)}
+    cells = {c.name: c.config.memory_budget for c in compare.grid(spec).cells}
+    assert cells == {"fedavg/b0.5/s0": (0.5,), "fedavg/b0.25+0.5+1/s0": (0.25, 0.5, 1.0)}
 
 
 def test_check_fails_on_a_violation_and_records_a_failed_cell(tmp_path, monkeypatch):

@@ -67,8 +67,8 @@ def test_a_rounds_totals_are_the_rollups_of_its_client_rounds(runs):
 
 
 def test_a_record_takes_its_declared_fields_only_and_every_one_it_must():
-    row = dict(round=1, client=0, budget=1.0, budget_bytes=10, config="full", peak_bytes=8, within_budget=True,
-               train_flops=6, bytes_down=4, bytes_up=4, samples=2, train_loss=0.5, excluded=False, dropped=False)
+    row = dict(round=1, client=0, budget=1.0, budget_bytes=10, config="full", peak_bytes=8, of_budget=0.8,
+               within_budget=True, train_flops=6, bytes_down=4, bytes_up=4, samples=2, train_loss=0.5, excluded=False, dropped=False)
     assert ClientRound(**row).row() == row  # optional fields left out are not written
     with pytest.raises(TypeError, match="energy_j"):
         ClientRound(**row, energy_j=1.0)
