@@ -404,8 +404,8 @@ def audit_depthfl(device: str, quick: bool) -> list[Row]:
     figure per depth."""
     batch = 2 if quick else 50
     run = _prepare(device, method="depthfl", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=1)
-    df, prof, full = run.method, run.profiler, run.ctx.full_memory
-    n = len(df.levels)
+    df, prof = run.method, run.profiler
+    full, n = prof.memory_of(df.full_plan()), len(df.levels)
     _, up0 = prof.bytes_of(df.full_plan())
     flops0 = prof.train_flops(df.full_plan())
     rows = []
@@ -492,13 +492,13 @@ def audit_fiarse(device: str, quick: bool) -> list[Row]:
     from fedbench.methods.fiarse import PAPER_SIZES, masked_names
 
     batch = 4 if quick else 20
-    run = _prepare(device, method="fiarse", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=1)
-    fi, prof, full = run.method, run.profiler, run.ctx.full_memory
+    # budget 1 is FedAvg's full model, below every p's measured memory: a budget of 4 lets the run be prepared
+    run = _prepare(device, method="fiarse", model="resnet20", dataset="cifar10", batch_size=batch, memory_budget=4)
+    fi, prof = run.method, run.profiler
+    full = prof.memory_of(fi.density_plan(1.0))
     down0, up0 = prof.bytes_of(fi.density_plan(1.0))
     config = f"resnet20, CIFAR-10 shapes, batch {batch}, --variant paper (element-wise mask); nominal size p = {{p:g}}"
-    fedavg = _prepare(device, method="fedavg", model="resnet20", dataset="cifar10", batch_size=batch,
-                      memory_budget=1).ctx.full_memory
-    rows = [Row(FIARSE, config.format(p=1), "peak training memory / FedAvg's full model", None, full / fedavg,
+    rows = [Row(FIARSE, config.format(p=1), "peak training memory / FedAvg's full model", None, full / run.ctx.full_memory,
                 NOT_STATED, "the masked copy of every conv/linear weight that each forward saves for backward")]
     for p in PAPER_SIZES:
         plan = fi.density_plan(p)

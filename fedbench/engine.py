@@ -406,23 +406,35 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
                                               "under torchrun (fedbench compare) runs its cells one process each")
     model = method_cls.build_global(build).to(device)
     client_build = method_cls.client_builder(build)
-    profiler = Profiler(
-        build_client=partial(build_submodel, client_build, model),
-        sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
-        batch_size=min(cfg.batch_size, max(map(len, parts)) or cfg.batch_size),  # the largest client's batch
-        device=device, seed=cfg.seed, precision=cfg.precision, on_measure=on_measure)
+    measuring = partial(Profiler, sample_shape=tuple(dataset.train_x.shape[1:]), num_classes=dataset.num_classes,
+                        batch_size=min(cfg.batch_size, max(map(len, parts)) or cfg.batch_size),  # the largest client's
+                        device=device, seed=cfg.seed, precision=cfg.precision)
+    profiler = measuring(partial(build_submodel, client_build, model), on_measure=on_measure)
     ctx = Context(config=cfg, dataset=dataset, model=model, build=client_build, profiler=profiler,
                   options=method_options(method_cls, cfg),
                   client_labels=[dataset.train_y[p.to(device)].unique() for p in parts], group=group)
     method = method_cls(ctx)
     profiler.bind(partial(method.trainer, lr=cfg.lr), method.sent_bytes)
-    ctx.full_memory = profiler.memory_of(method.full_plan())
+    ctx.full_memory = (fedavg_memory(ctx, build, measuring) if method_cls.supervised
+                       else profiler.memory_of(method.full_plan()))
     devices = assign(cfg.devices, cfg.clients, cfg.seed) if cfg.devices else None
     ctx.fractions = fractions(cfg.memory_budget, ctx.full_memory, [d.memory for d in devices or ()])
     infeasible = set_up(method, each=shapes_only)
     for warning in method.warnings(cfg.rounds):
         log.warning("%s: %s", cfg.method, warning)
     return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group, devices=devices, infeasible=infeasible)
+
+
+def fedavg_memory(ctx: Context, build: Callable[..., FedModel], measuring: Callable[..., Profiler]) -> int:
+    """Budget 1 of a supervised method (DESIGN.md, "Memory budgets"): the measured peak of the plain full model under
+    FedAvg's step (``Method``'s default), the same bytes for every method whatever it adds to the model or the step
+    (DepthFL's exits, FIARSE's masks). A self-supervised method's budget 1 is its own end-to-end full plan."""
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):  # draws nothing of the run's
+        plain = build()
+    profiler = measuring(partial(build_submodel, build, plain))
+    fedavg = Method(replace(ctx, model=plain, build=build, profiler=profiler))
+    profiler.bind(partial(fedavg.trainer, lr=ctx.config.lr), fedavg.sent_bytes)
+    return profiler.memory_of(Plan())
 
 
 def set_up(method: Method, each: bool = False) -> dict[float, float]:

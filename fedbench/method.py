@@ -58,7 +58,8 @@ class Context:
     build: "Callable[..., FedModel]"   # build(widths=..., rate=...) -> FedModel at those widths
     profiler: "Profiler"
     options: Any                       # the method's ``Options``, filled from the run's settings
-    full_memory: int = 0               # bytes: measured peak of the full model under this method
+    full_memory: int = 0               # bytes: budget 1, the measured peak of the full model under FedAvg
+    #                                    (self-supervised: under this method; ``engine.fedavg_memory``)
     fractions: list[float] = field(default_factory=list)  # --memory-budget as fractions of full_memory (per group,
     #                                                        or per client under --memory-budget devices)
     client_labels: list[torch.Tensor] = field(default_factory=list)  # per client: labels it holds
@@ -190,7 +191,8 @@ class Method:
         """Resolve each of ``self.budgets`` into a configuration (by measurement); raise ConfigError if impossible."""
 
     def full_plan(self) -> Plan:
-        """The configuration whose measured memory defines a budget of 1."""
+        """The method's full configuration; its measured memory defines budget 1 for a self-supervised method (a
+        supervised method's budget 1 is FedAvg's full model, ``engine.fedavg_memory``)."""
         return Plan()
 
     def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:

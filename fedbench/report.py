@@ -46,8 +46,12 @@ def plan_row(run: Run, plan: Plan) -> dict:
 
 
 def profile_rows(run: Run) -> pd.DataFrame:
-    """The full model (budget 1 by definition), the budgets below the method's floor, then its configurations."""
-    rows = [{"budget": 1.0, **plan_row(run, run.method.full_plan()), "note": "defines budget 1"}]
+    """The method's full model (budget 1, unless it needs more than FedAvg's), the budgets below the method's floor,
+    then its configurations."""
+    full = plan_row(run, run.method.full_plan())
+    defines = abs(full["of_full"] - 1) < 1e-9
+    note = "defines budget 1" if defines else f"the method's full model; budget 1 is FedAvg's, {run.ctx.full_memory / MB:.4g} MB"
+    rows = [{"budget": 1.0 if defines else None, **full, "note": note}]
     rows += [{"budget": b, "config": below(floor), "floor": floor} for b, floor in run.infeasible.items()]
     for info, plan in run.method.schedule():
         row = {"budget": info.get("budget"), **plan_row(run, plan), "note": info.get("note", "")}

@@ -21,8 +21,8 @@ their exits: a depth-d client neither holds, receives nor sends anything of a de
 **Depth by measurement** (``setup``). Depth-d plan: stem, blocks of levels 1..d and their d exits, all
 trained (the final head too when d is the full depth). A client's depth is the deepest d whose measured
 peak (the profiler, this method's own step: d exits, CE + self-distillation) fits ``budget x full-model
-memory``, the full model being full depth under this method. A budget below depth 1's measured memory is
-refused (``fedbench.budget.Infeasible``) with that floor. The paper assigns depths by equal client groups
+memory``, the full model's being FedAvg's (the plain ResNet-20, as for every method; ``engine.fedavg_memory``).
+A budget below depth 1's measured memory is refused (``fedbench.budget.Infeasible``) with that floor. The paper assigns depths by equal client groups
 (25% each of depths 1-4); here each ``--memory-budget`` group gets the deepest depth its budget affords.
 On ResNet-20 activations dominate and the first stage holds most of them: measured at batch 32 on 1x28x28
 images, depth 1 needs 0.627 of the full model's memory and depth 2 0.886, so budgets below 0.627 are refused

@@ -31,7 +31,7 @@ class FedAvgExclusive(Method):
         self.trains: dict[float, bool] = {}
 
     def setup(self) -> None:
-        full = self.ctx.full_memory  # the full plan's measured peak (what defines budget 1)
+        full = self.ctx.full_memory  # budget 1: FedAvg's full model, this method's full plan
         self.trains = {b: full <= b * full for b in self.budgets}
         if not any(self.trains.values()):
             raise too_small(max(self.budgets), full, self.ctx.full_memory,

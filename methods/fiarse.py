@@ -27,9 +27,10 @@ Two variants (``--variant``); only the second saves memory:
   mask held it (``MaskedMean`` element masks); an element no client held keeps its value.
 - **Memory, honestly.** The client holds the dense tensors with zeros: the activations, gradients, optimizer
   state and FLOPs are the full model's, plus the masked copies of the weights each forward saves for backward.
-  The configuration is fitted by measurement in the method's own unit: per budget, the largest p on the 1/64
-  grid whose measured memory fits; every p measures the same, so p = 1 at a budget >= its own full model's
-  memory, and any lower budget is refused with the measured floor (``fedbench.budget.Infeasible``). The
+  The configuration is fitted by measurement: per budget, the largest p on the 1/64 grid whose measured memory
+  fits; every p measures the same, slightly above FedAvg's full model (budget 1; the masked copies), so every
+  budget up to 1 is refused with the measured floor (``fedbench.budget.Infeasible``) and only a budget above 1
+  (``--memory-budget 1.1``) trains it, at p = 1. The
   papers' sub-model sizes {1/64, 1/16, 1/4, 1} are their nominal budgets; ``fedbench audit`` shows them beside
   the measured memory and bytes.
 
@@ -250,11 +251,11 @@ class FIARSE(WidthMethod):
         memory, full = self.ctx.profiler.memory_of, self.ctx.full_memory
         self.keep = {}
         for b in self.budgets:  # the smallest p first: a budget below it is refused after one measurement
-            if b < 1 and memory(self.density_plan(WIDTHS[0])) > b * full:
+            if memory(self.density_plan(WIDTHS[0])) > b * full:
                 raise too_small(b, memory(self.density_plan(WIDTHS[0])), full,
                                 f"(p = {WIDTHS[0]:g} of the parameters; the element-wise mask keeps the dense "
                                 "tensors, activations and optimizer state)")
-            self.keep[b] = 1.0 if b >= 1 else fit_largest(WIDTHS, lambda p: memory(self.density_plan(p)), b * full)
+            self.keep[b] = fit_largest(WIDTHS, lambda p: memory(self.density_plan(p)), b * full)
 
     def indices(self, width, rnd, client, gen):
         key = (width, self._version())

@@ -101,11 +101,14 @@ def test_methods_with_per_client_state_are_refused_across_processes_as_declared(
 def test_two_processes_equal_one(case, tmp_path):
     for nproc in (1, 2):
         fedbench(["run", *CASES[case], *COMMON, "--out", str(tmp_path / f"p{nproc}")], nproc)
-    fedbench(["run", *CASES[case], *COMMON, "--processes", "2", "--out", str(tmp_path / "spawned")])
-    one, two, spawned = (pd.read_csv(tmp_path / f / "rounds.csv") for f in ("p1", "p2", "spawned"))
-    # --processes 2 starts the group torchrun starts: the same shares and sums, so the same rounds
-    pd.testing.assert_frame_equal(two.drop(columns="wall_s"), spawned.drop(columns="wall_s"))
-    assert [json.loads((tmp_path / f / "summary.json").read_text())["processes"] for f in ("p1", "spawned")] == [1, 2]
+    one, two = (pd.read_csv(tmp_path / f / "rounds.csv") for f in ("p1", "p2"))
+    if case == "fedavg":  # the launcher is the same for every method: checked once
+        fedbench(["run", *CASES[case], *COMMON, "--processes", "2", "--out", str(tmp_path / "spawned")])
+        # --processes 2 starts the group torchrun starts: the same shares and sums, so the same rounds
+        spawned = pd.read_csv(tmp_path / "spawned" / "rounds.csv")
+        pd.testing.assert_frame_equal(two.drop(columns="wall_s"), spawned.drop(columns="wall_s"))
+        assert [json.loads((tmp_path / f / "summary.json").read_text())["processes"]
+                for f in ("p1", "spawned")] == [1, 2]
     # The all-reduce adds the processes' masked sums in another order than one process adds its clients, but
     # the sums are float64 (fedbench.aggregate), where a round's weighted float32 updates add up exactly: the
     # global model, and so every round, is the one-process run's on any CPU, not merely close to it.
