@@ -50,7 +50,8 @@ def profile_rows(run: Run) -> pd.DataFrame:
     then its configurations."""
     full = plan_row(run, run.method.full_plan())
     defines = abs(full["of_full"] - 1) < 1e-9
-    note = "defines budget 1" if defines else f"the method's full model; budget 1 is FedAvg's, {run.ctx.full_memory / MB:.4g} MB"
+    note = ("defines budget 1" if defines else
+            f"the method's full model; budget 1 is FedAvg's, {run.ctx.full_memory / MB:.4g} MB")
     rows = [{"budget": 1.0 if defines else None, **full, "note": note}]
     rows += [{"budget": b, "config": below(floor), "floor": floor} for b, floor in run.infeasible.items()]
     for info, plan in run.method.schedule():
@@ -243,9 +244,9 @@ def unfinished(folder: Path, config: dict) -> dict:
 
 
 def consistent(config: dict, summary: dict, rounds: pd.DataFrame, clients: pd.DataFrame | None) -> None:
-    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv (where kept) describe the same finished run: it has the
-    required keys (``fedbench.records.Summary``), its numbers are numbers (int fields ints; empty only where they
-    may be)."""
+    """Raise Inconsistent unless summary.json, rounds.csv and clients.csv (where kept) describe the same finished
+    run: it has the required keys (``fedbench.records.Summary``), its numbers are numbers (int fields ints; empty only
+    where they may be)."""
     required, numeric, specs = Summary.required(), Summary.numeric(), Summary.specs()
     missing = [k for k in required if k not in summary]
     if missing:
@@ -350,14 +351,14 @@ def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def orderings(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.Series:
-    """Per table column (model, budget) of several seeds: ``best`` on the cell of highest mean accuracy, ``below`` on
-    every cell whose accuracy is below the best one's in each of at least two seeds they share (``pairwise``), else
-    empty. Cells that diverged take no part."""
+    """Per table column (model, budget) of two cells or more and several seeds: ``best`` on the cell of highest mean
+    accuracy, ``below`` on every cell whose accuracy is below the best one's in each of at least two seeds they share
+    (``pairwise``), else empty. Cells that diverged take no part."""
     order = pd.Series("", index=cells.index, dtype=object)
     fair = cells[(cells["seeds"] > 0) & (cells["diverged"] == 0)]
     for (model, supervised, budget), col in fair.groupby(["model", "supervised", "budget"], sort=False):
         best = col["accuracy_mean"].idxmax()
-        if col.at[best, "seeds"] < 2:
+        if col.at[best, "seeds"] < 2 or len(col) < 2:
             continue
         order[best] = "best"
         lead = pairs[(pairs["model"] == model) & (pairs["supervised"] == supervised) & (pairs["budget"] == budget)
@@ -489,13 +490,13 @@ def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
 
 
 def paired_tables(comp: Comparison) -> list[tuple[str, pd.DataFrame]]:
-    """For each table column (model, budget) with a cell of two seeds or more: the ranking (accuracy, the paired
-    comparison with the best cell, the gain over the last GAIN_ROUNDS rounds, peak / budget) and the pairwise
-    table (row a beats column b in k of n shared seeds, mean a - b)."""
+    """For each table column (model, budget) of two cells or more, one of them of two seeds or more: the ranking
+    (accuracy, the paired comparison with the best cell, the gain over the last GAIN_ROUNDS rounds, peak / budget)
+    and the pairwise table (row a beats column b in k of n shared seeds, mean a - b)."""
     out = []
     cells = comp.cells[(comp.cells["seeds"] > 0) & (comp.cells["diverged"] == 0)]
     for (model, supervised, budget), col in cells.groupby(["model", "supervised", "budget"], sort=False):
-        if col["seeds"].max() < 2:
+        if col["seeds"].max() < 2 or len(col) < 2:
             continue
         col = col.sort_values("accuracy_mean", ascending=False)
         pairs = comp.pairs[(comp.pairs["model"] == model) & (comp.pairs["supervised"] == supervised)

@@ -27,11 +27,12 @@ FINAL = {"fedavg": [0.60, 0.62, 0.61],    # the best mean
 GAIN = {"fedavg": 0.10, "heterofl": 0.0, "small": 0.02}  # final minus round 10's accuracy
 
 
-def write_run(folder: Path, method: str, seed: int, final: float, gain: float, rollups: bool = True) -> None:
+def write_run(folder: Path, method: str, seed: int, final: float, gain: float, rollups: bool = True,
+              budget: float = 0.25) -> None:
     """A finished run's config.toml, rounds.csv and summary.json: accuracy rising linearly to ``final`` (by ``gain``
     over the last 50 rounds), one client of 10 left out each round."""
     folder.mkdir(parents=True)
-    cfg = RunConfig(method=method, dataset="cifar10", model="resnet20", memory_budget=(0.25,), rounds=ROUNDS,
+    cfg = RunConfig(method=method, dataset="cifar10", model="resnet20", memory_budget=(budget,), rounds=ROUNDS,
                     eval_every=10, seed=seed, out=str(folder))
     (folder / "config.toml").write_text(to_toml(cfg.settings()))
     rows = [Round(round=r, accuracy=final - gain * (ROUNDS - r) / 50 if r % 10 == 0 else None, loss=None,
@@ -39,8 +40,8 @@ def write_run(folder: Path, method: str, seed: int, final: float, gain: float, r
                   peak_mean=2e6, of_budget_max=0.9, violations=0, clients=10, trained=9, dropped=0,
                   wall_s=1.0).row() for r in range(1, ROUNDS + 1)]
     pd.DataFrame(rows).to_csv(folder / "rounds.csv", index=False)
-    summary = Summary(method=method, model="resnet20", dataset="cifar10", seed=seed, memory_budget=[0.25],
-                      budget_fractions=[0.25], rounds=ROUNDS, status="ok", diverged_round=None, unbudgeted=False,
+    summary = Summary(method=method, model="resnet20", dataset="cifar10", seed=seed, memory_budget=[budget],
+                      budget_fractions=[budget], rounds=ROUNDS, status="ok", diverged_round=None, unbudgeted=False,
                       final_accuracy=final, best_accuracy=final, evaluation="top-1", notes=[], warnings=[],
                       full_model_memory_bytes=8 * 10**6, peak_max_bytes=2 * 10**6, of_budget_max=0.9, violations=0,
                       client_rounds=10 * ROUNDS, excluded_client_rounds=ROUNDS, dropped_client_rounds=0,
@@ -59,6 +60,8 @@ def grid(tmp_path_factory) -> tuple[Path, int]:
     for method, finals in FINAL.items():
         for seed, final in enumerate(finals):
             write_run(root / method / "b0.25" / f"s{seed}", method, seed, final, GAIN[method])
+    for seed in range(3):  # a column of one cell: nothing to rank
+        write_run(root / "fedavg" / "b1" / f"s{seed}", "fedavg", seed, 0.7, 0.0, budget=1.0)
     bands = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Axes, "fill_between", lambda self, *a, original=Axes.fill_between, **k:
@@ -75,8 +78,10 @@ def test_mean_std_and_paired_marks(grid):
     assert accuracy["fedavg"] == f"0.6100 ± {std['fedavg']:.4f} ▲"
     assert accuracy["heterofl"] == f"0.5100 ± {std['heterofl']:.4f} ▼"  # below the best in 3 of 3 seeds
     assert accuracy["small"] == f"0.5600 ± {std['small']:.4f}"          # above it in seed 1: no mark
+    alone = pd.read_csv(root / "report/accuracy.csv", index_col="method", dtype=str)["1"]
+    assert alone["fedavg"] == "0.7000 ± 0.0000" and "budget 1," not in (root / "report/report.md").read_text()
     runs = pd.read_csv(root / "report/runs.csv")
-    assert (runs["status"] == "ok").all() and runs["peak_of_budget"].eq(0.9).all()
+    assert len(runs) == 12 and (runs["status"] == "ok").all() and runs["peak_of_budget"].eq(0.9).all()
     assert runs["left_out"].eq(0.1).all()  # one sampled client-round in 10, from summary.json
 
 
@@ -101,7 +106,7 @@ def test_gain_over_the_last_50_rounds_and_the_band(grid):
     root, bands = grid
     gain = pd.read_csv(root / "report/gain.csv", index_col="method", dtype=str)["0.25"]
     assert gain.to_dict() == {m: f"{g:+.4f}" for m, g in GAIN.items()}
-    assert bands == 2 * len(FINAL)  # one band per method in the round and in the MB plot
+    assert bands == 2 * (len(FINAL) + 1)  # one band per row and budget in the round and in the MB plot
     assert (root / "report/accuracy_vs_round.png").read_bytes().startswith(b"\x89PNG")
 
 
