@@ -2,8 +2,8 @@
 
 A client with budget b trains a width-w sub-model: w is the largest width on the ``WIDTHS``
 grid whose *measured* training memory (``profiler.memory_of``) fits b x the full model's
-memory (searched once per budget a client can receive, in ``setup``; b >= 1 means full
-width). The methods differ only in which channels a width-w client holds (the index policy:
+memory (searched once per budget a client can receive, in ``setup``; the full width where
+its step costs no more than FedAvg's). The methods differ only in which channels a width-w client holds (the index policy:
 ``first_k``, ``rolling``, ``random``) and in a few training details, collected per published
 variant in a ``Recipe`` (methods-width-slt.md §2.3, §3.2, §4.2, §5.7):
 
@@ -196,9 +196,8 @@ class WidthMethod(Method):
         return Plan.of(indices, rate=rate, label=f"w={width:.4g}", index_bytes=self.index_bytes(indices))
 
     def fit_width(self, budget: float) -> float:
-        """The largest grid width whose measured memory fits ``budget`` (a fraction; >= 1: full width)."""
-        if budget >= 1:
-            return 1.0
+        """The largest grid width whose measured memory fits ``budget`` (a fraction of FedAvg's full model, which the
+        full width exceeds where the method's step costs more)."""
         memory = self.ctx.profiler.memory_of
         best = fit_largest(WIDTHS, lambda w: memory(self.width_plan(w)), budget * self.ctx.full_memory)
         if best is None:

@@ -9,8 +9,8 @@ FjORD (paper §4), as fedbench runs it:
 
 - **p_max by measurement.** A client's maximum width p_max is the widest p in P whose *measured* training
   memory (``profiler.memory_of`` of its plan, below) fits its budget, searched once per budget in ``setup``
-  (``_width.WidthMethod``); a budget >= 1 trains p_max = 1; a budget below the smallest p's measured memory is
-  refused with that floor (``fedbench.budget.Infeasible``). The paper assigns p_max from a device tier.
+  (``_width.WidthMethod``); budget 1 trains p_max = 1 unless self-distillation's extra pass needs more; a
+  budget below the smallest p's measured memory is refused with that floor (``fedbench.budget.Infeasible``). The paper assigns p_max from a device tier.
 - **Per-batch OD sampling.** The client receives its p_max sub-model (first-k slices of the global model) and
   builds one SGD optimizer over it. For every local mini-batch it draws p uniformly from P ∩ (0, p_max] (the
   client's run generator, so a function of seed, round and client) and trains the width-p prefix only: the
@@ -190,9 +190,7 @@ class FjORD(WidthMethod):
         return self.width_plan(1.0)
 
     def fit_width(self, budget: float) -> float:
-        """The widest p in P whose measured memory (as p_max) fits ``budget`` (a fraction; >= 1: p_max = 1)."""
-        if budget >= 1:
-            return 1.0
+        """The widest p in P whose measured memory (as p_max) fits ``budget`` (a fraction of FedAvg's full model)."""
         memory = self.ctx.profiler.memory_of
         best = fit_largest(self.P, lambda p: memory(self.width_plan(p)), budget * self.ctx.full_memory)
         if best is None:

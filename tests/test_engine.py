@@ -109,8 +109,8 @@ def test_cli_run_writes_outputs(tmp_path):
     for name in ("config.toml", "rounds.csv", "clients.csv", "summary.json", "partition.csv", "checkpoint.pt"):
         assert (out / name).exists(), name
     clients = pd.read_csv(out / "clients.csv")
-    assert list(clients.columns[:7]) == ["round", "client", "budget", "budget_bytes", "config", "peak_bytes",
-                                         "within_budget"]
+    assert list(clients.columns[:8]) == ["round", "client", "budget", "budget_bytes", "config", "peak_bytes",
+                                         "of_budget", "within_budget"]
     assert len(clients) == 4
     # the written config reproduces the run
     again = CliRunner().invoke(app, ["run", "--config", str(out / "config.toml"), "--out", str(tmp_path / "again")])

@@ -118,8 +118,10 @@ def test_budget_below_the_smallest_width_is_refused_with_the_measured_floor():
 
 
 def test_self_distillation_trains_and_costs_the_p_max_pass():
-    run = small_run(method="fjord", memory_budget="0.5,1", self_distill=True, rounds=1, od_widths="0.5,1")
+    run = small_run(method="fjord", memory_budget="1,1.5", self_distill=True, rounds=1, od_widths="0.5,1")
     plain = small_run(method="fjord", memory_budget="1", rounds=1, od_widths="0.5,1")
+    # its extra pass costs memory too: budget 1 (FedAvg's full model) no longer holds p_max = 1
+    assert run.method.widths == {1.0: 0.5, 1.5: 1.0} and plain.method.widths == {1.0: 1.0}
     plan = run.method.width_plan(1.0)
     kd, ce = (r.profiler.train_flops(plan, 0) for r in (run, plain))   # step p = 0.5: the p_max pass is added
     assert kd > 1.5 * ce
