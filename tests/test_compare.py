@@ -258,5 +258,5 @@ def test_smoke_check_fails_a_model_that_cannot_learn(tmp_path):
     still = smoke("1", "--methods", "slt", "--lr", "1e-9", "--out", str(tmp_path / "still"))
     assert still.returncode == 1
     failed = [line for line in still.stderr.splitlines() if line.startswith("check failed")]
-    assert len(failed) == 1 and failed[0].startswith("check failed: slt/b0.75+1/s0: did not learn: final accuracy "), \
+    assert len(failed) == 1 and failed[0].startswith("check failed: slt/b0.9+1/s0: did not learn: final accuracy "), \
         still.stderr[-3000:]
