@@ -339,7 +339,7 @@ def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
     the partition and the client sampling across methods, so a paired comparison is the fair one."""
     ok = runs[(runs["status"] == "ok") & runs["diverged"].isna() & runs["final_accuracy"].notna()]
     out = []
-    for key, col in ok.groupby(CELL_KEYS[:1] + CELL_KEYS[2:], sort=False):
+    for key, col in ok.groupby(["model", "supervised", "budget"], sort=False):
         acc = col.pivot_table(index="seed", columns="row", values="final_accuracy", aggfunc="first")
         for a, b in ((a, b) for a in acc.columns for b in acc.columns if a != b):
             both = acc[[a, b]].dropna()
