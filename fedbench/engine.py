@@ -425,16 +425,24 @@ def prepare(cfg: RunConfig, shapes_only: bool = False, group: Group | None = Non
     return Run(cfg, dataset, parts, model, method, profiler, ctx, group=group, devices=devices, infeasible=infeasible)
 
 
-def fedavg_memory(ctx: Context, build: Callable[..., FedModel], measuring: Callable[..., Profiler]) -> int:
+_FEDAVG_PEAKS: dict[tuple, int] = {}  # fedavg_memory by everything it depends on: measured once per process
+
+
+def fedavg_memory(ctx: Context, build: partial[FedModel], measuring: partial[Profiler]) -> int:
     """Budget 1 of a supervised method (DESIGN.md, "Memory budgets"): the measured peak of the plain full model under
     FedAvg's step (``Method``'s default), the same bytes for every method whatever it adds to the model or the step
     (DepthFL's exits, FIARSE's masks). A self-supervised method's budget 1 is its own end-to-end full plan."""
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):  # draws nothing of the run's
-        plain = build()
-    profiler = measuring(partial(build_submodel, build, plain))
-    fedavg = Method(replace(ctx, model=plain, build=build, profiler=profiler))
-    profiler.bind(partial(fedavg.trainer, lr=ctx.config.lr), fedavg.sent_bytes)
-    return profiler.memory_of(Plan())
+    cfg = ctx.config
+    key = (*(f.args + tuple(sorted(f.keywords.items())) for f in (build, measuring)), cfg.lr, cfg.momentum,
+           cfg.weight_decay)
+    if key not in _FEDAVG_PEAKS:
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):  # draws none of the run's
+            plain = build()
+        profiler = measuring(partial(build_submodel, build, plain))
+        fedavg = Method(replace(ctx, model=plain, build=build, profiler=profiler))
+        profiler.bind(partial(fedavg.trainer, lr=cfg.lr), fedavg.sent_bytes)
+        _FEDAVG_PEAKS[key] = profiler.memory_of(Plan())
+    return _FEDAVG_PEAKS[key]
 
 
 def set_up(method: Method, each: bool = False) -> dict[float, float]:
