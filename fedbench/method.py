@@ -76,9 +76,13 @@ class Trainer:
     def __init__(self, method: "Method", model: FedModel, plan: Plan, step: Step, lr: float):
         self.method, self.model, self.plan, self.step_spec = method, model, plan, step
         self.client: dict[str, torch.Tensor] = {}   # the client's own tensors for the loss (``client_inputs``)
-        cfg = method.config
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt = self.optimizer(lr)
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """SGD with the run's momentum and weight decay over the trained parameters (a method may override it)."""
+        cfg = self.method.config
+        return torch.optim.SGD(self.params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def prepare(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         return train_batch(x, self.method.dataset, gen)

@@ -210,10 +210,6 @@ class SSLTrainer(Trainer):
 
     def __init__(self, method: "SSLMethod", model: SSLModel, plan: Plan, step: Step, lr: float):
         super().__init__(method, model, plan, step, lr)
-        opts, cfg = method.options, method.config
-        if opts.optimizer == "adamw":  # base lr per 256 samples, the run's lr schedule applied on top
-            self.opt = torch.optim.AdamW(self.params, lr=opts.base_lr * cfg.batch_size / 256 * lr / cfg.lr,
-                                         weight_decay=opts.adamw_weight_decay)
         units = _units(model, step)
         first = next((i for i, u in enumerate(units) if _trains(u)), len(units))
         self.prefix, self.online = units[:first], units[first:]
@@ -225,6 +221,13 @@ class SSLTrainer(Trainer):
             online = [p for m in (*self.online, model.head, model.projector) for p in m.parameters()]
             pairs = [(t, o) for t, o in zip(self.target.parameters(), online) if o.requires_grad]
             self.momentum_pairs = ([t for t, _ in pairs], [o for _, o in pairs])
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        opts, cfg = self.method.options, self.method.config
+        if opts.optimizer == "adamw":  # base lr per 256 samples, the run's lr schedule applied on top
+            return torch.optim.AdamW(self.params, lr=opts.base_lr * cfg.batch_size / 256 * lr / cfg.lr,
+                                     weight_decay=opts.adamw_weight_decay)
+        return super().optimizer(lr)
 
     @staticmethod
     def _branch(units: Iterable[nn.Module], head: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -136,17 +136,18 @@ class MaskedTrainer(Trainer):
     """One client's SGD on the element-wise masked model: t_p from the weights it received, fixed for the round."""
 
     def __init__(self, method: "FIARSE", model: FedModel, plan: Plan, step: Step, lr: float):
-        super().__init__(method, model, plan, step, lr)
         own = dict(model.named_parameters())
         self.masked = {n: own[n] for n in masked_names(model) if own[n].requires_grad}
+        super().__init__(method, model, plan, step, lr)
         self.t = threshold(list(self.masked.values()), float(plan.option("keep", 1.0))).to(own[next(iter(own))].dtype)
-        cfg = method.config
-        self.wd = cfg.weight_decay
-        ids = {id(p) for p in self.masked.values()}
+        self.wd = method.config.weight_decay
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """SGD; the masked weights without its weight decay (``step`` decays them where their gradient is non-zero)."""
+        cfg, ids = self.method.config, {id(p) for p in self.masked.values()}
         rest = [p for p in self.params if id(p) not in ids]
-        groups = [{"params": list(self.masked.values()), "weight_decay": 0.0}]
-        groups += [{"params": rest}] if rest else []
-        self.opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups = [{"params": list(self.masked.values()), "weight_decay": 0.0}] + ([{"params": rest}] if rest else [])
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         x = self.prepare(x, gen)
