@@ -40,7 +40,7 @@ def test_p_max_is_the_widest_p_that_fits_and_the_run_learns_within_budget(mixed)
     summary = run.execute([seen])
     assert summary["violations"] == 0 and summary["final_accuracy"] > 0.4, summary   # chance 0.1; 5 rounds
     assert summary["notes"]["p_max"] == {f"{b:g}": p for b, p in sorted(m.widths.items())}
-    assert "p = 1" in summary["evaluation"]
+    assert "full-width" in summary["evaluation"]   # a budget-1 client trains p = 1
     for r in seen.clients:
         p_max = m.widths[r["budget"]]
         assert r["config"] == f"p_max={p_max:g}" and r["peak_bytes"] <= r["budget_bytes"]
@@ -107,6 +107,21 @@ def test_each_batch_draws_p_from_P_up_to_p_max_and_trains_only_its_prefix():
         assert changed[inside].any(), name
         changed[inside] = False
         assert not changed.any(), name
+
+
+def test_every_client_below_the_full_width_evaluates_the_widest_p_max():
+    """No client trains p = 1 at one budget below it: the evaluated model is the p_max sub-model (nested prefix)."""
+    run = small_run(method="fjord", memory_budget="0.5")
+    m, model = run.method, run.model
+    p_max = m.widths[0.5]
+    assert p_max < 1 and f"w={p_max:g}" in m.describe_eval()
+    evaluated = m.eval_model(model, 1)
+    prefix = first_k(model.full_widths, p_max, "ceil")
+    assert evaluated.widths == {g: len(r) for g, r in prefix.items()} != model.full_widths
+    expected = extract(run.ctx.build, model, Plan.of(prefix))
+    x = normalize(run.dataset.test_x[:32], run.dataset)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated(x), expected(x))
 
 
 def test_budget_below_the_smallest_width_is_refused_with_the_measured_floor():
