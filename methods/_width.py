@@ -181,6 +181,11 @@ class WidthMethod(Method):
         """Global channel indices per group of a width-``width`` client (default: first-k)."""
         return first_k(self.ctx.model.full_widths, width, self.recipe.rounding)
 
+    def global_indices(self, width: float) -> Mapping[str, Sequence[int]]:
+        """The channels of a global model narrower than the full one (``eval_width`` "largest"): first-k, HeteroFL's
+        nested levels (a method whose policy chooses otherwise, deterministically, overrides this)."""
+        return first_k(self.ctx.model.full_widths, width, self.recipe.rounding)
+
     def index_bytes(self, indices: Mapping[str, Sequence[int]]) -> int:
         """Index overhead sent down with the plan (0: the server keeps or derives the indices)."""
         return 0
@@ -246,8 +251,7 @@ class WidthMethod(Method):
     def eval_model(self, global_model: FedModel, rnd: int) -> FedModel:
         model, width = global_model, self.global_width()
         if width < 1:
-            plan = self.width_plan(width)
-            model = extract(self.ctx.build, global_model, plan)
+            model = extract(self.ctx.build, global_model, self.width_plan(width, self.global_indices(width)))
         return static_bn(model, self.dataset, self.sbn_samples()) if self.recipe.sbn else model
 
     def sbn_samples(self) -> int:

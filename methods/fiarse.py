@@ -40,10 +40,13 @@ sub-model whose channels are, per channel group, the ceil(w C) channels of large
 the weights that produce the channel (every convolution / linear weight whose first dimension is that group),
 summed over the groups tied by identity shortcuts, ties to the lower index. Importance is computed from the
 current global model (``self.ctx.model``) when the round's plans are made, so every client of a width holds the
-same channels in a round and the choice is reproducible. Aggregation: the engine's masked mean, unweighted;
-evaluated at full width.
+same channels in a round and the choice is reproducible. Aggregation: the engine's masked mean, unweighted.
 
-Evaluation (both): top-1 accuracy of the full global model (p = 1: the mask keeps every element).
+Evaluation: top-1 accuracy of the global model masked at one sub-model size (the paper's, per size). The paper
+variant: p = 1, the full model (the only size it trains under a memory budget). The structured variant: the
+largest client width of the run, as the channels of largest importance in the global model (what a client of
+that width receives next); the full model as soon as one client's budget fits it. At one budget below 1 no client
+trains the other channels, and the full model would measure their initial weights.
 
 Deviations:
 1. The code's client trains with plain SGD (``--lr``) and the server applies the mean delta with a global learning
@@ -53,8 +56,8 @@ Deviations:
    round (the same set but for an element that the update left exactly unchanged).
 3. The code's mask is re-evaluated against t_p in every forward, so an element that falls below t_p during local
    training drops out; the same here. Elements outside the starting mask never enter (zero gradient).
-4. The paper reports the mean accuracy of the global model masked at each sub-model size; fedbench reports the
-   full model (p = 1).
+4. The paper reports the mean accuracy of the global model masked at each sub-model size; fedbench reports one
+   size (above): the largest of the run.
 5. p comes from measured memory, not a preset size per client; under memory budgets the element-wise form
    trains p = 1 or is refused. The structured variant is not the paper's method.
 6. fedbench's models keep no BatchNorm running statistics (test-batch statistics), as the other methods here.
@@ -214,7 +217,7 @@ class FIARSE(WidthMethod):
     paper = ("Wu et al. 2024, FIARSE: Model-Heterogeneous Federated Learning via Importance-Aware Submodel "
              "Extraction (NeurIPS 2024)")
     Options = FIARSEOptions
-    recipes = {"paper": Recipe(), "structured": Recipe(rounding="ceil")}
+    recipes = {"paper": Recipe(), "structured": Recipe(rounding="ceil", eval_width="largest")}
     policy = "channels of largest L2 importance in the current global model"
     trains_batched = False  # the paper variant's masked trainer runs one client at a time (one class, both variants)
 
@@ -258,11 +261,15 @@ class FIARSE(WidthMethod):
                                 "tensors, activations and optimizer state)")
             self.keep[b] = fit_largest(WIDTHS, lambda p: memory(self.density_plan(p)), b * full)
 
-    def indices(self, width, rnd, client, gen):
+    def global_indices(self, width: float) -> dict[str, list[int]]:
+        """The ``width`` channels of largest importance in the current global model (cached per version)."""
         key = (width, self._version())
         if key not in self._channels:
             self._channels = {key: important_channels(self.ctx.model, width, self.recipe.rounding)}
         return self._channels[key]
+
+    def indices(self, width, rnd, client, gen):
+        return self.global_indices(width)
 
     def plan(self, rnd: int, client: int, budget: float, gen: torch.Generator) -> Plan:
         if self.element_wise:
@@ -297,6 +304,8 @@ class FIARSE(WidthMethod):
 
     # --- reports -------------------------------------------------------------------------------------------
     def describe_eval(self) -> str:
+        if not self.element_wise:
+            return super().describe_eval()
         return ("top-1 accuracy of the full global model (p = 1) on the test split, BN layers (if any) with "
                 "test-batch statistics")
 

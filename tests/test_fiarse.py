@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from fedbench.budget import Infeasible
 from fedbench.cli import app
+from fedbench.data import normalize
 from fedbench.seeding import generator
-from fedbench.submodel import tensor_bytes, uploaded
+from fedbench.submodel import extract, tensor_bytes, uploaded
 from fedbench.methods.fiarse import (_Importance, channel_importance, importance_mask, masked_names, sparse_bytes,
                                      threshold)
 from tests.conftest import Records, small_run
@@ -132,6 +133,20 @@ def test_structured_variant_keeps_the_most_important_channels_and_trains_within_
     assert summary["violations"] == 0 and summary["final_accuracy"] > 0.2, summary   # chance 0.1
     assert all(r["peak_bytes"] <= r["budget_bytes"] for r in seen.clients)
     assert summary["notes"]["variant"] == "structured"
+
+
+def test_structured_variant_at_one_budget_evaluates_the_important_channels_of_its_width():
+    """No client trains the other channels: the evaluated model is the width-w sub-model a client receives."""
+    run = small_run(method="fiarse", variant="structured", memory_budget="0.5")
+    m, model = run.method, run.model
+    width = m.widths[0.5]
+    assert width < 1 and f"w={width:.4g}" in m.describe_eval()
+    plan = m.plan(1, 0, 0.5, generator(0, "client", 1, 0))
+    assert plan.index_map != {g: list(range(len(c))) for g, c in plan.index_map.items()}  # not the first-k prefix
+    evaluated, expected = m.eval_model(model, 1), extract(run.ctx.build, model, plan)
+    x = normalize(run.dataset.test_x[:32], run.dataset)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated(x), expected(x))
 
 
 def test_cli_describes_fiarse():
