@@ -13,10 +13,10 @@ import inspect
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -27,6 +27,10 @@ from rich.text import Text
 from fedbench.config import RUN
 from fedbench.errors import ConfigError
 from fedbench.settings import flag, parse
+
+if TYPE_CHECKING:  # the heavy modules load on first use (fedbench --help stays fast)
+    from fedbench.compare import Grid
+    from fedbench.distributed import Group
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -273,7 +277,7 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
     (SLT, FEDEPTH, LW-FedSSL, Federated Dropout, HeteroFL, FedRolex, FjORD, DepthFL, FIARSE, CoCoFL); no
     training, a few minutes on a CPU."""
     from fedbench.audit import audit as claims_audit, render, title, write
-    from fedbench.launch import writable
+    from fedbench.launch import exclusive, writable
 
     writable(folder, "--out")
     with err.status("measuring each paper's configurations"):
@@ -299,9 +303,9 @@ def compare(ctx: typer.Context,
             config: Annotated[Optional[Path], typer.Option("--config", help="Sweep TOML: run keys, a list value is a sweep axis, overrides.METHOD tables.")] = None,
             **settings) -> None:
     """Run methods x budgets x seeds (x any swept key), one run folder per cell; finished cells are skipped."""
-    from fedbench.compare import check_cells, grid, load_sweep, sweep, sweep_folder
+    from fedbench.compare import grid, load_sweep, sweep_folder
     from fedbench.distributed import from_env
-    from fedbench.launch import writable
+    from fedbench.launch import exclusive, writable
 
     flags = given(ctx, settings) | dict(method=methods, memory_budget=memory_budget, seed=seeds, out=out, jobs=jobs)
     if target_accuracy is not None and not 0 < target_accuracy <= 1:  # before the sweep, not after it
@@ -310,6 +314,14 @@ def compare(ctx: typer.Context,
     writable(sweep_folder(spec.get("out")), "--out")
     todo = grid(spec)
     group = from_env()  # under torchrun: the processes share the cells; the first one reports
+    with exclusive(todo.root, "--out") if group is None or group.main else nullcontext():  # one sweep per folder
+        compare_cells(todo, group, target_accuracy, check)
+
+
+def compare_cells(todo: Grid, group: Group | None, target_accuracy: float | None, check: bool) -> None:
+    """``compare`` once the sweep folder is this process's."""
+    from fedbench.compare import check_cells, sweep
+
     if group is None or group.main:
         err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
                   f"finished" + (f"; {group.size} processes share the rest" if group else ""), highlight=False)

@@ -37,7 +37,7 @@ from fedbench.budget import label
 from fedbench.checkpoint import CHECKPOINT, identity
 from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, resolve
 from fedbench.engine import resolve_device
-from fedbench.errors import ConfigError
+from fedbench.errors import Busy, ConfigError
 from fedbench.launch import configure, launch
 from fedbench.models import create_model
 from fedbench.precision import choose
@@ -309,6 +309,8 @@ def run_cell(cell: Cell) -> Outcome:
     (folder / FAILED).unlink(missing_ok=True)
     try:
         summary = launch(cell.config, resume=resume, overwrite=not resume)
+    except Busy as e:  # another process writes the folder: nothing of this one is recorded there
+        return Outcome(cell.name, False, f"{e.flag}: {e.message}", time.perf_counter() - t0, time.process_time() - cpu0)
     except Exception as e:  # the sweep's error boundary: recorded in the cell folder and in the table
         message = f"{e.flag}: {e.message}" if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
         floor = getattr(e, "floor", None)

@@ -8,3 +8,7 @@ class ConfigError(ValueError):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
         self.message = message
+
+
+class Busy(ConfigError):
+    """A folder that another fedbench process is writing (``fedbench.launch.exclusive``)."""

@@ -7,6 +7,9 @@ checkpoint if asked) and trains it with its files, checkpoints and Ctrl-C handli
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,7 +27,7 @@ from fedbench.config import RunConfig, resolve
 from fedbench.devices import assign
 from fedbench.distributed import Group, WorkerDied, local_group, processes
 from fedbench.engine import Run, prepare, resolve_device, unbudgeted
-from fedbench.errors import ConfigError
+from fedbench.errors import Busy, ConfigError
 from fedbench.observers import Live, RunFiles
 from fedbench.partition import parse_partition
 from fedbench.registry import check_options, get_method
@@ -59,12 +62,20 @@ def launch(cfg: RunConfig, resume: bool = False, overwrite: bool = False, group:
     said where the run stopped and how to continue it.
     """
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    main = group is None or group.main
+    if main:
+        writable(folder, "--out")
+    with exclusive(folder, "--out") if main else nullcontext():  # one process writes a folder
+        return run_into(folder, cfg, resume, overwrite, group, console)
+
+
+def run_into(folder: Path, cfg: RunConfig, resume: bool, overwrite: bool, group: Group | None,
+             console: Console | None) -> dict:
+    """``launch`` once the folder is this process's."""
     method = get_method(cfg.method)
     main = group is None or group.main
     show = console is not None and main and not cfg.quiet
     say = partial(console.print, highlight=False, soft_wrap=True) if console else lambda line: None
-    if main:
-        writable(folder, "--out")
     held = held_files(folder) if main and not (resume or overwrite) else []
     if held:
         raise ConfigError("--out", f"{folder} already holds a run ({', '.join(held)}); continue it with --resume "
@@ -142,6 +153,27 @@ def resumable(checkpoints: Checkpointer, folder: Path) -> str:
         return f"continue from its checkpoint (round {checkpoints.saved}) with: fedbench run --resume {folder}"
     return ("no round was checkpointed, nothing to resume (--checkpoint-every N keeps every N-th round); start "
             f"again with: fedbench run --config {folder / 'config.toml'} --overwrite")
+
+
+@contextmanager
+def exclusive(folder: Path, flag: str) -> Iterator[None]:
+    """Hold ``folder`` for this process, or raise Busy if another fedbench process holds it (a second run or
+    compare on the same folder would interleave its files). An advisory lock on a file in the system's temporary
+    folder named by the folder's absolute path: nothing is written in the folder, and the lock goes with the
+    process however it ends."""
+    locks = Path(tempfile.gettempdir()) / "fedbench-locks"
+    locks.mkdir(exist_ok=True)
+    name = hashlib.sha1(str(Path(folder).absolute()).encode()).hexdigest()[:16]
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(flag, f"{folder} is being written by another fedbench process (a run or compare of the same "
+                             "folder); wait for it to finish or stop it (Ctrl-C), then rerun") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def writable(folder: Path, flag: str) -> None:

@@ -22,6 +22,7 @@ from fedbench import checkpoint, compare
 from fedbench.cli import app
 from fedbench.compare import run_cell
 from fedbench.engine import Run
+from fedbench.launch import exclusive
 from fedbench.observers import RunFiles
 
 TINY = ["--dataset", "synthetic", "--model", "fedavg-cnn", "--clients", "4", "--clients-per-round", "2", "--device", "cpu", "--quiet"]
@@ -306,6 +307,28 @@ def test_ctrl_c_in_a_sweep_checkpoints_the_cell_in_progress(tmp_path, monkeypatc
     done = pd.read_csv(cell / "rounds.csv")
     assert fedbench("compare", *grid).exit_code == 0
     assert pd.read_csv(cell / "rounds.csv")["wall_s"][:2].tolist() == done["wall_s"].tolist()  # continued
+
+
+# --- one process per folder: a second run or compare of a folder in use is refused ---------------------
+def test_a_folder_in_use_by_another_fedbench_process_is_refused_and_left_alone(whole, sweep, tmp_path):
+    """The lock is per open file (flock): held here as another process would hold it."""
+    folder, out = tmp_path / "run", tmp_path / "sweep"
+    shutil.copytree(whole, folder)
+    shutil.copytree(sweep, out)
+    before = {p: p.stat().st_mtime_ns for p in (*folder.iterdir(), *out.glob("fedavg/*/*/*"))}  # run files
+    with exclusive(folder, "--out"):
+        one_line(fedbench("run", *TINY, "--rounds", "4", "--out", folder, "--overwrite"), 2, "--out",
+                 "another fedbench process", str(folder))
+    with exclusive(out, "--out"):
+        one_line(fedbench("compare", *GRID, "--out", out), 2, "--out", "another fedbench process")
+    cell = out / "fedavg/b1/s0"
+    (cell / "summary.json").unlink()  # an unfinished cell that another process is running
+    with exclusive(cell, "--out"):
+        result = fedbench("compare", *GRID, "--out", out)
+    assert "FAILED fedavg/b1/s0: --out:" in result.output and "another fedbench process" in result.output
+    assert not (cell / "failed.json").exists()  # nothing written into the folder in use
+    assert {p: p.stat().st_mtime_ns for p in before if p.exists()} == {p: t for p, t in before.items() if p.exists()}
+    assert fedbench("compare", *GRID, "--out", out).exit_code == 0  # once free: the cell runs again
 
 
 # --- compare --jobs: a worker that dies fails only its cell -----------------------------------------
