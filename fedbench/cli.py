@@ -277,7 +277,7 @@ def audit(folder: Annotated[Path, typer.Option("--out", help="Folder for claims.
     (SLT, FEDEPTH, LW-FedSSL, Federated Dropout, HeteroFL, FedRolex, FjORD, DepthFL, FIARSE, CoCoFL); no
     training, a few minutes on a CPU."""
     from fedbench.audit import audit as claims_audit, render, title, write
-    from fedbench.launch import exclusive, writable
+    from fedbench.launch import writable
 
     writable(folder, "--out")
     with err.status("measuring each paper's configurations"):
