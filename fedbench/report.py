@@ -90,7 +90,8 @@ NOT_SETTINGS = {"method", "seed", "memory_budget", "eval_initial"} | EXECUTION  
 CELL_KEYS = ["model", "row", "supervised", "budget"]
 RUN_COLUMNS = ["folder", "status", "problem", "method", "model", "dataset", "seed", "budget", "budget_value", "rounds", "final_accuracy",
                "diverged", "unbudgeted", "violations", "dropped", "floor", "warnings", "peak_MB", "peak_of_budget", "train_GFLOPs", "MB_down", "MB_up", "wall_s", "evaluation",
-               "sim_s", "target_s", "best_accuracy", "initial_accuracy", "left_out", "gain", "settings", "path"]
+               "sim_s", "target_s", "best_accuracy", "initial_accuracy", "left_out", "gain", "precision", "device",
+               "settings", "path"]
 GAIN_ROUNDS = 50  # has the curve flattened: the final accuracy minus the evaluation this many rounds earlier
 
 
@@ -173,8 +174,15 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
         "sim_s": float(sim.iloc[-1]), "target_s": float(reached.iloc[0]) if len(reached) else float("nan"),
         "best_accuracy": summary.get("best_accuracy"),
         "initial_accuracy": summary.get("initial_accuracy", float("nan")),  # --eval-initial
-        "left_out": rollups["left_out"], "gain": gain(rounds),
+        "left_out": rollups["left_out"], "gain": gain(rounds), "precision": summary.get("precision", "?"),
+        "device": device_of(summary),
     }, pd.DataFrame({"round": rounds["round"], "accuracy": rounds["accuracy"], "cum_MB": mb, "sim_s": sim})
+
+
+def device_of(summary: dict) -> str:
+    """``cpu (Intel(R) Xeon(R) Processor)``: the device type and the name provenance recorded."""
+    name = (summary.get("provenance") or {}).get("device_name")
+    return f"{summary.get('device', '?')} ({name})" if name else str(summary.get("device", "?"))
 
 
 def gain(rounds: pd.DataFrame) -> float:
@@ -461,6 +469,23 @@ def time_tables(comp: Comparison) -> dict[str, tuple[str, object, None]]:
     return out
 
 
+def protocol(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """What a table's finished runs were, for its title: rounds, seeds per cell, evaluation schedule, precision and
+    device, each as a range or a list where they differ (the rows already split runs whose settings differ)."""
+    ok = runs[runs["status"] == "ok"]
+    if ok.empty:
+        return "no finished run"
+
+    def span(values, unit: str) -> str:
+        low, high = int(min(values)), int(max(values))
+        return f"{low}{f'-{high}' if high > low else ''} {unit}{'s' if high > 1 else ''}"
+
+    every = {s.get("eval_every") for s in ok["settings"] if isinstance(s, dict)} - {None}
+    evaluated = [f"evaluated every {' or '.join(map(str, sorted(every)))} rounds and after the last"] if every else []
+    return ", ".join([span(ok["rounds"], "round"), span(cells.loc[cells["seeds"] > 0, "seeds"], "seed"), *evaluated,
+                      " + ".join(sorted(set(ok["precision"]))), " + ".join(sorted(set(ok["device"])))])
+
+
 def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
     """Rows = methods (and settings that vary), columns = memory budgets; one set of tables per model (budgets
     are fractions of that model's full training memory, so no table holds two models); only tables with rows.
@@ -485,7 +510,9 @@ def pivots(comp: Comparison) -> dict[str, tuple[str, pd.DataFrame]]:
             if (table == "-").all().all():  # nothing to show (e.g. no run long enough for the gain)
                 continue
             table.index.name, table.columns.name = "method", None
-            out[name if len(models) == 1 else f"{name}-{model}"] = (f"{title}; {model} on {data}", table)
+            runs = comp.runs[(comp.runs["model"] == model) & comp.runs["row"].isin(cells["row"])]
+            out[name if len(models) == 1 else f"{name}-{model}"] = (
+                f"{title}; {model} on {data}; {protocol(runs, cells)}", table)
     return out
 
 

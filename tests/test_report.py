@@ -80,6 +80,8 @@ def test_mean_std_and_paired_marks(grid):
     assert accuracy["small"] == f"0.5600 ± {std['small']:.4f}"          # above it in seed 1: no mark
     alone = pd.read_csv(root / "report/accuracy.csv", index_col="method", dtype=str)["1"]
     assert alone["fedavg"] == "0.7000 ± 0.0000" and "budget 1," not in (root / "report/report.md").read_text()
+    md = (root / "report/report.md").read_text()  # every table title states the protocol
+    assert "; resnet20 on cifar10; 60 rounds, 3 seeds, evaluated every 10 rounds and after the last, fp32, cpu\n" in md
     runs = pd.read_csv(root / "report/runs.csv")
     assert len(runs) == 12 and (runs["status"] == "ok").all() and runs["peak_of_budget"].eq(0.9).all()
     assert runs["left_out"].eq(0.1).all()  # one sampled client-round in 10, from summary.json
