@@ -1,6 +1,7 @@
 """The profiler: exact CPU live-tensor meter, breakdown, width/freezing effects, FLOPs, CUDA agreement."""
 from __future__ import annotations
 
+import gc
 from functools import partial
 
 import torch
@@ -64,6 +65,35 @@ def test_live_meter_counts_each_storage_once():
     assert meter.peak == 2 * 40  # y and z, each 10 float32
     del y, z
     assert meter.current == 0
+
+
+class CyclicStep:
+    """A trainer whose step drops a 4 KB tensor that a reference cycle holds, then allocates another 4 KB."""
+
+    def step(self, x, y, gen):
+        held = [torch.ones(1024)]
+        held.append(held)  # freed only by the garbage collector
+        del held
+        return torch.ones(1024)
+
+    def state_tensors(self):
+        return []
+
+
+def test_a_cycle_freed_mid_step_counts_to_the_end_of_the_step_whatever_the_collector_state():
+    """The collector is off while the step is metered: when it would have run (gc thresholds, what ran
+    before) cannot change a measured peak."""
+    x, y = torch.zeros(1), torch.zeros(1)
+    thresholds = gc.get_threshold()
+    try:
+        peaks = []
+        for threshold in (thresholds, (1, 1, 1)):  # (1, 1, 1): a collection at almost every allocation
+            gc.set_threshold(*threshold)
+            peaks.append(Profiler._peak(CyclicStep(), x, y, None))
+    finally:
+        gc.set_threshold(*thresholds)
+    assert peaks == [2 * 4096 + 8, 2 * 4096 + 8]  # both tensors, and x and y (4 B each)
+    assert gc.isenabled()
 
 
 def resnet(**kw):
