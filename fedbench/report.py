@@ -181,8 +181,8 @@ def read_run(folder: Path, target: float | None = None) -> tuple[dict, pd.DataFr
 
 def device_of(summary: dict) -> str:
     """``cpu (Intel(R) Xeon(R) Processor)``: the device type and the name provenance recorded."""
-    name = (summary.get("provenance") or {}).get("device_name")
-    return f"{summary.get('device', '?')} ({name})" if name else str(summary.get("device", "?"))
+    device, name = str(summary.get("device", "?")), (summary.get("provenance") or {}).get("device_name")
+    return f"{device} ({name})" if name else device
 
 
 def gain(rounds: pd.DataFrame) -> float:
