@@ -1,5 +1,5 @@
-"""Checkpoints every ``--checkpoint-every`` rounds, after the last round and after a Ctrl-C (atomic),
-and ``--resume`` from one.
+"""Checkpoints every ``--checkpoint-every`` rounds, after the last round and after a Ctrl-C or SIGTERM
+(atomic), and ``--resume`` from one.
 
 Randomness is a function of (seed, round, client), so a run resumed from round r draws
 exactly what the uninterrupted run drew: the resumed ``rounds.csv`` matches row for row.
@@ -49,7 +49,7 @@ def clear(folder: Path) -> None:
 
 class Checkpointer(Observer):
     """checkpoint.pt every ``every`` rounds, after the last round, and after the round during which ``stop``
-    was set (Ctrl-C, see ``stop_on_interrupt``): then it ends the run with KeyboardInterrupt."""
+    was set (Ctrl-C or SIGTERM, see ``stop_on_interrupt``): then it ends the run with KeyboardInterrupt."""
 
     def __init__(self, out: Path, every: int):
         self.path = Path(out) / CHECKPOINT
@@ -70,25 +70,52 @@ class Checkpointer(Observer):
             raise KeyboardInterrupt
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill's default, as batch schedulers stop a job
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+def heard() -> list[signal.Signals]:
+    """The stop signals this process listens to: one it was started ignoring stays ignored (a non-interactive
+    shell starts ``cmd &`` with SIGINT ignored)."""
+    return [s for s in STOPS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 @contextmanager
-def stop_on_interrupt(checkpointer: Checkpointer, say: Callable[[], None]):
-    """While a run executes (in the main thread): a first Ctrl-C lets the round end, checkpointed, then stops
-    the run; a second one stops it at once (the checkpoint on disk stays as it was)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+def sigterm_interrupts():
+    """Within: SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that ``run`` and ``compare`` end in their one
+    line (and a run within ``stop_on_interrupt`` after its round, checkpointed)."""
+    if threading.current_thread() is not threading.main_thread() or signal.SIGTERM not in heard():
         yield
         return
-
-    def first(signum, frame):
-        checkpointer.stop = True
-        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
-        say()
-
-    signal.signal(signal.SIGINT, first)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def stop_on_interrupt(checkpointer: Checkpointer, say: Callable[[str], None]):
+    """While a run executes (in the main thread): a first Ctrl-C or SIGTERM lets the round end, checkpointed,
+    then stops the run (``say`` gets the signal's name); a Ctrl-C after that stops it at once (the checkpoint on
+    disk stays as it was), another SIGTERM changes nothing (a sweep's worker may get one from its process group
+    and one from compare)."""
+    listened = heard() if threading.current_thread() is threading.main_thread() else []
+    previous = {s: signal.getsignal(s) for s in listened}
+
+    def first(signum, frame):
+        checkpointer.stop = True
+        for s in listened:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else lambda *_: None)
+        say(NAMES[signum])
+
+    for s in listened:
+        signal.signal(s, first)
+    try:
+        yield
+    finally:
+        for s in listened:
+            signal.signal(s, signal.SIG_DFL if previous[s] is None else previous[s])
 
 
 def restore(run: Run, folder: Path) -> None:

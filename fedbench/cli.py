@@ -4,7 +4,7 @@ The options of ``run``, ``compare`` and ``profile`` are derived from the setting
 (``fedbench.config``, each method's ``Options``, each model's keywords: ``fedbench.registry``), never restated here.
 ``run`` is a thin command over ``fedbench.launch``, which also runs each cell of ``compare``.
 Exit codes: 0 done, 1 a sweep with failed cells (``compare``) or a dead worker process (``run``), 2 bad
-input (one line, nothing written), 3 training diverged (``run``), 130 interrupted.
+input (one line, nothing written), 3 training diverged (``run``), 130 interrupted (Ctrl-C or SIGTERM).
 """
 from __future__ import annotations
 
@@ -169,6 +169,7 @@ def run(ctx: typer.Context,
     Exit code 3: training diverged (a NaN/inf train loss); the run stops after that round. Exit code 1: a
     worker process of --processes died (killed, out of memory); rounds up to the last checkpoint are kept.
     """
+    from fedbench.checkpoint import sigterm_interrupts
     from fedbench.distributed import WorkerDied, from_env
     from fedbench.launch import configure, launch
 
@@ -181,7 +182,8 @@ def run(ctx: typer.Context,
     cfg = configure(flags, config)
     group = from_env()  # under torchrun: the processes share each round's clients; the first one writes
     try:
-        summary = launch(cfg, resume=resume is not None, overwrite=overwrite, group=group, console=err)
+        with sigterm_interrupts():
+            summary = launch(cfg, resume=resume is not None, overwrite=overwrite, group=group, console=err)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except WorkerDied:
@@ -320,16 +322,19 @@ def compare(ctx: typer.Context,
 
 def compare_cells(todo: Grid, group: Group | None, target_accuracy: float | None, check: bool) -> None:
     """``compare`` once the sweep folder is this process's."""
+    from fedbench.checkpoint import sigterm_interrupts
     from fedbench.compare import check_cells, sweep
 
     if group is None or group.main:
         err.print(f"sweep {todo.root}: {len(todo.cells)} cells, {sum(c.complete() for c in todo.cells)} already "
                   f"finished" + (f"; {group.size} processes share the rest" if group else ""), highlight=False)
     try:
-        with cells_bar(sum(not c.complete() for c in todo.cells) if group is None else 0) as advance:
+        bar = cells_bar(sum(not c.complete() for c in todo.cells) if group is None else 0)
+        with sigterm_interrupts(), bar as advance:
             outcomes = sweep(todo, lambda o: (print_outcome(o), advance()), group)
     except KeyboardInterrupt:
-        err.print("interrupted; finished cells are kept: rerun the same command to continue")
+        err.print("interrupted; finished cells are kept, running ones continue from their last checkpoint: rerun "
+                  "the same command to continue")
         raise typer.Exit(130) from None
     if group is not None and not group.main:
         return

@@ -21,20 +21,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import closing, suppress
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from itertools import product
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedbench.budget import label
-from fedbench.checkpoint import CHECKPOINT, identity
+from fedbench.checkpoint import CHECKPOINT, STOPS, heard, identity
 from fedbench.config import FIELDS, RunConfig, for_dataset, load_toml, resolve
 from fedbench.engine import resolve_device
 from fedbench.errors import Busy, ConfigError
@@ -335,9 +337,25 @@ def record_failure(cell: Cell, message: str, trace: str = "", floor: float | Non
     write_atomic(cell.folder / FAILED, json.dumps(record, indent=1))
 
 
-def limit_threads(threads: int) -> None:
+def start_worker(threads: int) -> None:
+    """A worker process of ``run_parallel``: ``threads`` torch threads; deaf to Ctrl-C and SIGTERM while it waits
+    for a cell."""
     import torch
     torch.set_num_threads(threads)
+    for stop in STOPS:
+        signal.signal(stop, signal.SIG_IGN)
+
+
+def run_cell_hearing(cell: Cell, stops: list[int]) -> Outcome:
+    """``run_cell`` in a worker process that hears ``stops`` (those its sweep hears) while the cell runs: the first
+    one stops the cell after its round, checkpointed (``fedbench.checkpoint.stop_on_interrupt``)."""
+    for stop in stops:
+        signal.signal(stop, signal.default_int_handler)
+    try:
+        return run_cell(cell)
+    finally:
+        for stop in stops:
+            signal.signal(stop, signal.SIG_IGN)
 
 
 def sweep(grid: Grid, report: Callable[[Outcome], None] = lambda o: None, group: "Group | None" = None) -> list[Outcome]:
@@ -350,9 +368,10 @@ def sweep(grid: Grid, report: Callable[[Outcome], None] = lambda o: None, group:
     if group is not None:
         todo = todo[group.rank::group.size]
     outcomes = []
-    for outcome in (run_in_turn(todo) if grid.jobs == 1 else run_parallel(todo, grid.jobs)):
-        report(outcome)
-        outcomes.append(outcome)
+    with closing(run_in_turn(todo) if grid.jobs == 1 else run_parallel(todo, grid.jobs)) as results:
+        for outcome in results:  # closed on a Ctrl-C even between cells: the running ones have stopped on return
+            report(outcome)
+            outcomes.append(outcome)
     if group is not None:
         group.barrier()
     return outcomes
@@ -365,16 +384,18 @@ def run_in_turn(cells: list[Cell]) -> Iterator[Outcome]:
 
 def run_parallel(cells: list[Cell], jobs: int) -> Iterator[Outcome]:
     """``jobs`` worker processes, one cell at a time each (a pool of one per worker, so that a worker that dies
-    (killed, out of memory) breaks only its own pool: that cell is recorded as failed, the worker replaced)."""
+    (killed, out of memory) breaks only its own pool: that cell is recorded as failed, the worker replaced).
+    A Ctrl-C or SIGTERM to this process alone (``kill PID``) or to its whole group (a terminal, a batch scheduler)
+    stops every running cell after its round, checkpointed, and returns once they have stopped."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    todo, running, pools = list(reversed(cells)), {}, []
+    todo, running, pools, stops = list(reversed(cells)), {}, [], heard()
 
     def start(pool: ProcessPoolExecutor) -> None:
         cell = todo.pop()
-        running[pool.submit(run_cell, cell)] = (pool, cell, time.perf_counter())
+        running[pool.submit(run_cell_hearing, cell, stops)] = (pool, cell, time.perf_counter())
 
     def worker() -> ProcessPoolExecutor:
-        pools.append(ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=limit_threads,
+        pools.append(ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=start_worker,
                                          initargs=(threads,)))
         return pools[-1]
 
@@ -394,7 +415,10 @@ def run_parallel(cells: list[Cell], jobs: int) -> Iterator[Outcome]:
                 if todo:
                     start(pool)
                 yield outcome
-    finally:
+    finally:  # stopped (Ctrl-C, SIGTERM, a cell's worker stopped): the running cells stop after their round too
+        for child in active_children():  # the waiting workers do not hear it
+            with suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -108,9 +108,11 @@ class WorkerDied(RuntimeError):
 
 
 def follow(store: str, rank: int, size: int, threads: int, job: Callable[[Group], None]) -> None:
-    """A spawned worker: its share of the threads, Ctrl-C and logging left to rank 0 (which stops the workers),
-    then ``job``. If rank 0 dies the worker stops with one line on stderr and exit code 1, not a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A spawned worker: its share of the threads, Ctrl-C, SIGTERM and logging left to rank 0 (which stops the
+    workers), then ``job``. If rank 0 dies the worker stops with one line on stderr and exit code 1, not a
+    traceback."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs the run's warnings, once
     torch.set_num_threads(threads)
     try:
@@ -163,7 +165,7 @@ def local_group(size: int, job: Callable[[Group], None]) -> Iterator[Callable[[]
         finally:
             for w in workers:
                 if w.is_alive():
-                    w.terminate()
+                    w.kill()  # SIGKILL: a worker leaves SIGTERM to rank 0
                 w.join()
             if dist.is_initialized():
                 dist.destroy_process_group()

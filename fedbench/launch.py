@@ -58,8 +58,8 @@ def launch(cfg: RunConfig, resume: bool = False, overwrite: bool = False, group:
     files removed once the run is prepared). Each round's clients are shared with ``group`` (torchrun; its first
     process writes) or with the processes of ``cfg.processes``. ``console`` shows the progress and the run's
     one-line notices (None: nothing shown, as for compare's cells). Raises ConfigError before anything is
-    written; KeyboardInterrupt (Ctrl-C: after the round, checkpointed) and WorkerDied once the console has
-    said where the run stopped and how to continue it.
+    written; KeyboardInterrupt (Ctrl-C or SIGTERM: after the round, checkpointed) and WorkerDied once the console
+    has said where the run stopped and how to continue it.
     """
     folder = Path(cfg.out or f"results/runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     main = group is None or group.main
@@ -97,9 +97,11 @@ def run_into(folder: Path, cfg: RunConfig, resume: bool, overwrite: bool, group:
             observers = (([RunFiles(folder), checkpoints] if main else [])
                          + ([Tracking(tracker(cfg.log), folder)] if main and cfg.log else [])
                          + ([Live(console)] if show else []))
-            stopping = stop_on_interrupt(checkpoints, lambda: say(
-                "Ctrl-C: stopping after this round, with a checkpoint (Ctrl-C again: stop at once)"))
-            # under torchrun every process gets the Ctrl-C and stops at once; spawned workers leave it to this one
+            stopping = stop_on_interrupt(checkpoints, lambda name: say(
+                f"{name}: stopping after this round, with a checkpoint (Ctrl-C{' again' * (name == 'Ctrl-C')}: stop "
+                "at once)"))
+            # under torchrun every process gets the Ctrl-C or SIGTERM and stops at once; spawned workers leave it to
+            # this one
             with stopping if group is None else nullcontext():
                 summary = runner.execute(observers)
     except KeyboardInterrupt:

@@ -137,7 +137,7 @@ def started_run(out: Path) -> tuple[subprocess.Popen, psutil.Process, list[psuti
             "--clients", "20", "--clients-per-round", "4", "--checkpoint-every", "1", "--processes", "2",
             "--device", "cpu", "--quiet", "--out", str(out)]
     run = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoint.pt").exists():
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
@@ -165,6 +165,20 @@ def test_a_killed_worker_ends_the_run_in_one_line_with_the_way_forward(tmp_path)
     assert "worker process 1 of the run was killed by SIGKILL (as the out-of-memory killer does)" in lines[0]
     assert f"continue from its checkpoint (round " in lines[0]
     assert f"fedbench run --resume {tmp_path / 'run'}" in lines[0]
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["kill-run", "sigterm-to-group"])
+def test_sigterm_ends_the_round_checkpointed_and_stops_the_workers(tmp_path, group):
+    """``kill PID`` of the run, or a batch scheduler's SIGTERM to every process of the job: the workers leave it to
+    rank 0, which ends the round with them, checkpoints it and stops them."""
+    run, _, family = started_run(tmp_path / "run")
+    (os.killpg if group else os.kill)(run.pid, signal.SIGTERM)
+    lines = ended(run, family)
+    assert run.returncode == 130 and len(lines) == 2, lines
+    assert lines[0].startswith("SIGTERM: stopping after this round, with a checkpoint")
+    done = len(pd.read_csv(tmp_path / "run" / "rounds.csv"))
+    assert lines[1].startswith(f"interrupted after round {done}; ") and "fedbench run --resume" in lines[1]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["round"] == done
 
 
 def test_workers_stop_in_one_line_when_the_main_process_dies(tmp_path):

@@ -11,20 +11,25 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from fedbench import checkpoint, compare
 from fedbench.cli import app
-from fedbench.compare import run_cell
+from fedbench.compare import run_cell, run_cell_hearing
 from fedbench.engine import Run
 from fedbench.launch import exclusive
 from fedbench.observers import RunFiles
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--model", "fedavg-cnn", "--clients", "4", "--clients-per-round", "2", "--device", "cpu", "--quiet"]
 
 
@@ -56,14 +61,15 @@ def terminal_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
-def ctrl_c(monkeypatch, during: int, times: int = 1) -> None:
-    """A real Ctrl-C (SIGINT to this process), ``times`` over, while round ``during`` trains."""
+def ctrl_c(monkeypatch, during: int, times: int = 1, *then: signal.Signals, first=signal.SIGINT) -> None:
+    """A real Ctrl-C (SIGINT to this process; or ``first``), ``times`` over, then the signals ``then``, while
+    round ``during`` trains."""
     train_round = Run.train_round
 
     def interrupted(self, rnd, *args):
         if rnd + 1 == during:
-            for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
+            for stop in [first] * times + list(then):
+                os.kill(os.getpid(), stop)
         return train_round(self, rnd, *args)
 
     monkeypatch.setattr(Run, "train_round", interrupted)
@@ -147,11 +153,15 @@ def test_resume_with_rounds_is_refused(whole, tmp_path, monkeypatch, n):
 
 
 # --- Ctrl-C and a full disk --------------------------------------------------------------------------
-def test_ctrl_c_checkpoints_the_round_and_resume_matches_the_whole_run(whole, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop, times", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)],
+                         ids=["ctrl-c", "sigterm", "sigterm-twice"])
+def test_ctrl_c_checkpoints_the_round_and_resume_matches_the_whole_run(whole, tmp_path, monkeypatch, stop, times):
+    """SIGTERM (``kill``, a batch scheduler's stop) as a first Ctrl-C; a second SIGTERM changes nothing."""
     out = tmp_path / "run"
-    ctrl_c(monkeypatch, during=2)  # the default --checkpoint-every 0
+    ctrl_c(monkeypatch, 2, times, first=stop)  # the default --checkpoint-every 0
     result = fedbench("run", *TINY, "--rounds", "4", "--out", out)
     assert result.exit_code == 130 and f"fedbench run --resume {out}" in result.output, result.output
+    assert f"{'Ctrl-C' if stop == signal.SIGINT else 'SIGTERM'}: stopping after this round" in result.output
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2 and len(rounds(out)) == 2
     monkeypatch.undo()
     assert fedbench("run", "--resume", out).exit_code == 0
@@ -171,9 +181,10 @@ def test_ctrl_c_with_spawned_workers_checkpoints_and_resume_matches_the_whole_ru
     pd.testing.assert_frame_equal(rounds(tmp_path / "run"), rounds(tmp_path / "whole"))
 
 
-def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, first):
     out = tmp_path / "run"
-    ctrl_c(monkeypatch, during=2, times=2)
+    ctrl_c(monkeypatch, 2, 1, signal.SIGINT, first=first)
     result = fedbench("run", *TINY, "--rounds", "4", "--out", out)
     assert result.exit_code == 130 and "nothing to resume" in result.output, result.output
     assert not (out / "checkpoint.pt").exists() and len(rounds(out)) == 1
@@ -331,18 +342,18 @@ def test_a_folder_in_use_by_another_fedbench_process_is_refused_and_left_alone(w
     assert fedbench("compare", *GRID, "--out", out).exit_code == 0  # once free: the cell runs again
 
 
-# --- compare --jobs: a worker that dies fails only its cell -----------------------------------------
-def die_in_the_first_cell(cell):
+# --- compare --jobs: a worker that dies fails only its cell; Ctrl-C and SIGTERM stop every cell ----------
+def die_in_the_first_cell(cell, stops):
     """Runs in a compare worker process (imported there by name): killed as if out of memory."""
     if cell.name == "fedavg/b0.25/s0":
         os.kill(os.getpid(), signal.SIGKILL)
-    return run_cell(cell)
+    return run_cell_hearing(cell, stops)
 
 
 def test_a_dead_worker_fails_only_its_cell_and_a_rerun_redoes_it(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     grid = [*GRID[:2], "--memory-budget", "0.25,0.5,1", *GRID[4:], "--out", out]
-    monkeypatch.setattr(compare, "run_cell", die_in_the_first_cell)
+    monkeypatch.setattr(compare, "run_cell_hearing", die_in_the_first_cell)
     result = fedbench("compare", *grid, "--jobs", "2")
     assert result.exit_code == 1, result.output
     assert "FAILED fedavg/b0.25/s0: worker process died" in result.output
@@ -359,3 +370,32 @@ def test_a_dead_worker_fails_only_its_cell_and_a_rerun_redoes_it(tmp_path, monke
     assert ran == ["fedavg/b0.25/s0"]
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert (pd.read_csv(out / "report/runs.csv")["status"] == "ok").all()
+
+
+@pytest.mark.parametrize("to, stop", [("compare", signal.SIGTERM), ("group", signal.SIGTERM), ("group", signal.SIGINT)],
+                         ids=["kill-compare", "sigterm-to-group", "ctrl-c-to-group"])
+def test_a_stopped_sweep_checkpoints_its_running_cells_and_ends_in_one_line(tmp_path, to, stop):
+    """``kill PID`` of compare alone, a batch scheduler's SIGTERM to the job, a terminal's Ctrl-C: the long cell
+    stops after its round, checkpointed, and no worker prints a traceback, not even the one waiting without a cell
+    (once fedavg-cnn's short cell ended); every process ends."""
+    out = tmp_path / "sweep"
+    config = tmp_path / "sweep.toml"
+    config.write_text('method = ["fedavg", "small"]\nrounds = 1000\n[overrides.small]\nrounds = 1\n')
+    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # as in a terminal
+             "from fedbench.cli import main; sys.argv[0] = 'fedbench'; main()")
+    sweep = subprocess.Popen([sys.executable, "-c", start, "compare", "--config", str(config), "--memory-budget",
+                              "0.5", *TINY[:-1], "--jobs", "2", "--out", str(out)], cwd=ROOT, start_new_session=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    long, deadline = out / "fedavg/b0.5/s0", time.monotonic() + 300
+    while not ((out / "small/b0.5/s0/summary.json").exists() and (long / "rounds.csv").exists()
+               and len(rounds(long)) >= 2):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
+        time.sleep(0.2)
+    family = psutil.Process(sweep.pid).children(recursive=True)
+    (os.kill if to == "compare" else os.killpg)(sweep.pid, stop)
+    _, stderr = sweep.communicate(timeout=120)
+    assert not psutil.wait_procs(family, timeout=30)[1]
+    assert sweep.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted; finished cells are kept"), stderr
+    done = len(rounds(long))
+    assert 2 <= done < 1000 and torch.load(long / "checkpoint.pt", weights_only=True)["round"] == done
