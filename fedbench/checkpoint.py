@@ -131,6 +131,8 @@ def restore(run: Run, folder: Path) -> None:
     except Exception as e:  # torch raises several types for a damaged file
         raise ConfigError("--resume", f"{path} unreadable ({type(e).__name__}); {again(folder)}") from None
     mine, stored = identity(run.config), state.get("config")
+    if stored is not None:  # a setting added to fedbench since the checkpoint was written had its default then
+        stored = {k: v for k, v in RunConfig().to_dict().items() if k in mine.keys() - stored.keys()} | stored
     if stored != mine:
         what = ("records no settings (an older fedbench wrote it)" if stored is None else
                 f"was written under other settings than {folder / 'config.toml'} ("

@@ -47,6 +47,8 @@ class RunConfig:
     momentum: Annotated[float, Range(ge=0, lt=1), "SGD momentum."] = 0.9
     weight_decay: Annotated[float, Range(ge=0, le=1), "SGD weight decay."] = 5e-4
     lr_schedule: Annotated[Literal["const", "cosine"], "Learning rate over the rounds."] = "const"
+    lr_floor: Annotated[float, Range(ge=0, lt=1), "With --lr-schedule cosine: the rate it decays to by the last "
+                        "round, as a fraction of --lr (0: to zero; SLT's code: 0.1)."] = 0.0
     partition: Annotated[str, "iid, dirichlet:ALPHA or shards:K."] = "iid"
     augment: Annotated[Literal["auto", "none", "crop-flip"], "Training augmentation: auto (pad-4 crop + flip for "
                        "colour images up to 64 px, none for grey ones), none or crop-flip."] = "auto"
@@ -173,6 +175,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("--out", "an empty path; allowed: a folder path")
     if cfg.eval_every is None:  # a long run spends less of its time evaluating; the last round is always evaluated
         cfg = replace(cfg, eval_every=10 if cfg.rounds >= 100 else 5)
+    if cfg.lr_floor and cfg.lr_schedule != "cosine":
+        raise ConfigError("--lr-floor", f"{cfg.lr_floor} is where --lr-schedule cosine ends; allowed with "
+                                        f"--lr-schedule {cfg.lr_schedule}: 0")
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError("--clients-per-round", f"{cfg.clients_per_round} exceeds --clients {cfg.clients}; "
                           f"allowed: 1..{cfg.clients}")

@@ -126,8 +126,9 @@ class Run:
 
     def lr_at(self, rnd: int) -> float:
         cfg = self.config
-        if cfg.lr_schedule == "cosine":
-            return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / cfg.rounds))
+        if cfg.lr_schedule == "cosine":  # from lr to lr * lr_floor: SLT's code ends at lr/10 (its run_fl.py)
+            floor = cfg.lr * cfg.lr_floor
+            return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * rnd / cfg.rounds))
         return cfg.lr
 
     # --- the round loop ------------------------------------------------------------------

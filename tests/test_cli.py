@@ -30,6 +30,8 @@ def invoke(args, tmp_path):
     (["run", "--partition", "shards:x"], "--partition", "shards:K"),
     (["run", "--clients", "5000"], "--partition", "5000"),
     (["run", "--lr-schedule", "step"], "--lr-schedule", "cosine"),
+    (["run", "--lr-schedule", "cosine", "--lr-floor", "1"], "--lr-floor", ">= 0 and < 1"),
+    (["run", "--lr-floor", "0.1"], "--lr-floor", "allowed with --lr-schedule const: 0"),
     (["run", "--device", "tpu"], "--device", "auto, cpu, cuda"),
     (["run", "--client-batching", "yes"], "--client-batching", "auto, on, off"),
     (["run", "--bogus-option", "3"], "--bogus-option", "allowed"),

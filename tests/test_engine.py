@@ -34,6 +34,13 @@ def test_same_seed_same_rounds_and_different_seed_differs():
     assert timing_free(other.rows) != timing_free(first.rows)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_cosine_decays_from_lr_to_lr_floor_at_the_last_round(floor):
+    run = small_run(rounds=8, lr=0.2, lr_schedule="cosine", lr_floor=floor)
+    assert run.lr_at(0) == pytest.approx(0.2) and run.lr_at(4) == pytest.approx(0.1 + floor * 0.1)
+    assert run.lr_at(8) == pytest.approx(0.2 * floor)
+
+
 @pytest.mark.parametrize("settings", [{}, {"devices": "edge", "deadline": 2.0}, {"eval_initial": True}])
 def test_resume_matches_uninterrupted_run_row_for_row(tmp_path, settings):  # the simulated clock and the
     whole = small_run(rounds=4, **settings)                                 # initial evaluation carry on too

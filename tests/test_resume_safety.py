@@ -152,6 +152,19 @@ def test_resume_with_rounds_is_refused(whole, tmp_path, monkeypatch, n):
     pd.testing.assert_frame_equal(rounds(out), rounds(whole))
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(whole, tmp_path, monkeypatch):
+    """A checkpoint's settings lack those added to fedbench since (lr_floor): they had their default then."""
+    out = tmp_path / "run"
+    stop_after(monkeypatch, checkpoint.Checkpointer, 2)
+    assert fedbench("run", *TINY, "--rounds", "4", "--checkpoint-every", "1", "--out", out).exit_code == 130
+    monkeypatch.undo()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["lr_floor"]
+    torch.save(state, out / "checkpoint.pt")
+    assert fedbench("run", "--resume", out).exit_code == 0
+    pd.testing.assert_frame_equal(rounds(out), rounds(whole))
+
+
 # --- Ctrl-C and a full disk --------------------------------------------------------------------------
 @pytest.mark.parametrize("stop, times", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)],
                          ids=["ctrl-c", "sigterm", "sigterm-twice"])
