@@ -320,6 +320,7 @@ def cell_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     lists its runs)."""
     done = runs[runs["method"].notna()]
     done = done.assign(ok=done["status"] == "ok", failed=done["status"] == "failed",
+                       above_initial=done["final_accuracy"] > done["initial_accuracy"],  # False where not evaluated
                        infeasible=done["status"] == "infeasible",
                        error=done["problem"].where(done["status"] == "failed"), diverged=done["diverged"].notna(),
                        unbudgeted=done["unbudgeted"].eq(True))
@@ -333,7 +334,7 @@ def cell_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
         dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
         reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"),
-        initial_accuracy=("initial_accuracy", "mean"), left_out=("left_out", "mean"),
+        initial_accuracy=("initial_accuracy", "mean"), above_initial=("above_initial", "sum"), left_out=("left_out", "mean"),
         gain=("gain", "mean")).reset_index()
     cells = cells[(cells["seeds"] > 0) | (cells["infeasible"] > 0)]
     cells = cells.assign(order=orderings(cells, pairs))
@@ -392,7 +393,8 @@ def fmt_accuracy(c) -> str:
     """mean ± std over seeds; (finished/all) when some runs of the cell did not finish; infeasible (floor X): the
     budget is below the method's measured floor on this model (none finished); diverged (training stopped at a
     NaN/inf loss; (diverged/finished) when not every seed did); (untrained X): the same evaluation of the initial
-    model (--eval-initial), mean over seeds; ▲ the best mean of its column, ▼ below that best in every seed they
+    model (--eval-initial), mean over seeds, and with several seeds in how many the final accuracy is above the
+    seed's own untrained one; ▲ the best mean of its column, ▼ below that best in every seed they
     share (at least two; ``orderings``)."""
     if c.seeds == 0:
         return infeasible(c)
@@ -400,7 +402,8 @@ def fmt_accuracy(c) -> str:
         return "diverged" + (f" ({c.diverged}/{c.seeds})" if c.diverged < c.seeds else "")
     spread = f" ± {c.accuracy_std:.4f}" if c.seeds > 1 else ""
     part = f" ({c.seeds}/{c.runs})" if c.seeds < c.runs else ""
-    untrained = f" (untrained {c.initial_accuracy:.4f})" if pd.notna(c.initial_accuracy) else ""
+    above = f", above it in {c.above_initial}/{c.seeds}" if c.seeds > 1 else ""
+    untrained = f" (untrained {c.initial_accuracy:.4f}{above})" if pd.notna(c.initial_accuracy) else ""
     order = {"best": " ▲", "below": " ▼"}.get(c.order, "")
     return f"{c.accuracy_mean:.4f}{spread}{part}{untrained}{order}{marks(c)}"
 

@@ -28,7 +28,7 @@ GAIN = {"fedavg": 0.10, "heterofl": 0.0, "small": 0.02}  # final minus round 10'
 
 
 def write_run(folder: Path, method: str, seed: int, final: float, gain: float, rollups: bool = True,
-              budget: float = 0.25) -> None:
+              budget: float = 0.25, initial: float | None = None) -> None:
     """A finished run's config.toml, rounds.csv and summary.json: accuracy rising linearly to ``final`` (by ``gain``
     over the last 50 rounds), one client of 10 left out each round."""
     folder.mkdir(parents=True)
@@ -48,6 +48,8 @@ def write_run(folder: Path, method: str, seed: int, final: float, gain: float, r
                       over_budget="record", train_flops_per_client_round=1e9, bytes_down_per_client_round=1000.0,
                       bytes_up_per_client_round=1000.0, forward_macs_per_sample=10**7, device="cpu", precision="fp32",
                       processes=1, wall_s=60.0, provenance={}).row()
+    if initial is not None:  # --eval-initial
+        summary["initial_accuracy"] = initial
     if not rollups:  # as an older fedbench wrote it
         del summary["of_budget_max"], summary["budget_fractions"]
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -110,6 +112,15 @@ def test_gain_over_the_last_50_rounds_and_the_band(grid):
     assert gain.to_dict() == {m: f"{g:+.4f}" for m, g in GAIN.items()}
     assert bands == 2 * (len(FINAL) + 1)  # one band per row and budget in the round and in the MB plot
     assert (root / "report/accuracy_vs_round.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_untrained_evaluation_is_compared_seed_by_seed(tmp_path):
+    """With --eval-initial the cell names the untrained mean and in how many seeds training beat its own seed's."""
+    for seed, (final, initial) in enumerate(zip(FINAL["fedavg"], [0.55, 0.65, 0.50])):
+        write_run(tmp_path / "fedavg" / "b0.25" / f"s{seed}", "fedavg", seed, final, 0.1, initial=initial)
+    assert CliRunner().invoke(app, ["report", str(tmp_path)]).exit_code == 0
+    accuracy = pd.read_csv(tmp_path / "report/accuracy.csv", index_col="method", dtype=str)["0.25"]
+    assert accuracy["fedavg"] == "0.6100 ± 0.0100 (untrained 0.5667, above it in 2/3)"
 
 
 def test_a_folder_without_clients_csv_or_rollups_is_named_corrupt(tmp_path):
