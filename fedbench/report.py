@@ -334,8 +334,8 @@ def cell_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         MB_down=("MB_down", "mean"), MB_up=("MB_up", "mean"), violations=("violations", "sum"),
         dropped=("dropped", "max"), sim_s=("sim_s", "mean"), target_s=("target_s", "mean"),
         reached=("target_s", "count"), best_accuracy=("best_accuracy", "max"),
-        initial_accuracy=("initial_accuracy", "mean"), above_initial=("above_initial", "sum"), left_out=("left_out", "mean"),
-        gain=("gain", "mean")).reset_index()
+        initial_accuracy=("initial_accuracy", "mean"), above_initial=("above_initial", "sum"),
+        left_out=("left_out", "mean"), gain=("gain", "mean")).reset_index()
     cells = cells[(cells["seeds"] > 0) | (cells["infeasible"] > 0)]
     cells = cells.assign(order=orderings(cells, pairs))
     return cells.sort_values(["supervised", "model", "row", "budget_value", "budget"],
